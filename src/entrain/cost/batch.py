@@ -1,0 +1,109 @@
+"""A global batch with its costs: the input every scheduling policy takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from entrain.cost.flops import CostModel, analytic_cost_model
+from entrain.cost.tokens import audio_units, vision_units
+from entrain.models.spec import ModelSpec, VisionSpec
+from entrain.workload.columnar import Workload
+
+
+@dataclass(frozen=True, eq=False)
+class UnitTable:
+    """One encoder's indivisible units in a batch, sorted by sample."""
+
+    sample: np.ndarray  # (U,) int64, owning sample
+    item: np.ndarray  # (U,) int64, owning item (numbered per encoder within the batch)
+    tokens: np.ndarray  # (U,) int64, encoder positions
+    llm_tokens: np.ndarray  # (U,) int64, tokens the unit adds to its sample's LLM sequence
+    cost: np.ndarray  # (U,) float64
+
+    def __len__(self) -> int:
+        return int(self.sample.shape[0])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item.max()) + 1 if len(self) else 0
+
+
+@dataclass(frozen=True, eq=False)
+class CostedBatch:
+    """Per-sample LLM cost and per-unit encoder costs of one global batch."""
+
+    n_samples: int
+    text_tokens: np.ndarray  # (N,) int64
+    llm_tokens: np.ndarray  # (N,) int64, text + projected modality tokens
+    llm_cost: np.ndarray  # (N,) float64
+    units: dict[str, UnitTable]  # encoder name -> its units
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return tuple(self.units) + ("llm",)
+
+    def module_cost_per_sample(self, module: str) -> np.ndarray:
+        """Cost of `module` for each sample when a sample's units stay together, shape (N,)."""
+        if module == "llm":
+            return self.llm_cost
+        u = self.units[module]
+        return np.bincount(u.sample, weights=u.cost, minlength=self.n_samples)
+
+    def cost_matrix(self) -> np.ndarray:
+        """(N, modules) coupled cost per sample, module order as `modules`."""
+        return np.stack([self.module_cost_per_sample(m) for m in self.modules], axis=1)
+
+
+class MissingEncoderError(ValueError):
+    """The workload has items of a modality the model has no encoder for."""
+
+
+def _encoder_units(enc, workload: Workload) -> UnitTable:
+    parts = []
+    item_base = 0
+    for modality in enc.modalities:
+        t = workload.items[modality]
+        if not len(t):
+            continue
+        if isinstance(enc, VisionSpec):
+            n_units, tok, llm = vision_units(enc, modality, t.size)
+        else:
+            n_units, tok, llm = audio_units(enc, t.size[:, 0])
+        item = np.repeat(np.arange(len(t)), n_units)
+        parts.append((t.sample[item], item + item_base, tok, llm))
+        item_base += len(t)
+    if not parts:
+        z = np.zeros(0, np.int64)
+        return UnitTable(z, z, z, z, np.zeros(0))
+    sample, item, tok, llm = (np.concatenate(c) for c in zip(*parts))
+    order = np.argsort(sample, kind="stable")
+    return UnitTable(sample[order], item[order], tok[order], llm[order], np.zeros(0))
+
+
+def cost_batch(workload: Workload, spec: ModelSpec, model: CostModel | None = None) -> CostedBatch:
+    """Units, tokens and costs of every module for one global batch."""
+    model = model or analytic_cost_model(spec)
+    for modality, table in workload.items.items():
+        if len(table) and spec.encoder_for(modality) is None:
+            raise MissingEncoderError(
+                f"the workload has {len(table)} {modality} item(s) but model {spec.name!r} has no "
+                f"encoder for {modality!r} (its encoders take: "
+                f"{', '.join(m for e in spec.encoders for m in e.modalities) or 'nothing'})"
+            )
+    n = len(workload)
+    units: dict[str, UnitTable] = {}
+    llm_tokens = workload.text_tokens.astype(np.int64).copy()
+    for enc in spec.encoders:
+        u = _encoder_units(enc, workload)
+        u = UnitTable(u.sample, u.item, u.tokens, u.llm_tokens, model[enc.name](u.tokens))
+        units[enc.name] = u
+        llm_tokens += np.bincount(u.sample, weights=u.llm_tokens, minlength=n).astype(np.int64)
+    return CostedBatch(
+        n_samples=n,
+        text_tokens=workload.text_tokens.astype(np.int64),
+        llm_tokens=llm_tokens,
+        llm_cost=model["llm"](llm_tokens),
+        units=units,
+    )

@@ -1,0 +1,38 @@
+"""Assignment policies (Entrain and the baselines) and the metrics of an assignment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from entrain.cost.batch import CostedBatch
+from entrain.schedule.assignment import Assignment
+from entrain.schedule.baselines import encoder_balanced, encoder_rebalance, joint, llm_balanced, sequential
+from entrain.schedule.hierarchical import EntrainConfig, entrain
+from entrain.schedule.metrics import BatchMetrics, evaluate, lower_bound, mean_metrics, work
+
+Policy = Callable[[CostedBatch, int, int], Assignment]
+
+POLICIES: dict[str, Policy] = {
+    "sequential": sequential,
+    "llm-balanced": llm_balanced,
+    "encoder-balanced": encoder_balanced,
+    "joint": joint,
+    "encoder-rebalance": encoder_rebalance,
+    "entrain": entrain,
+}
+BASELINES: tuple[str, ...] = tuple(p for p in POLICIES if p != "entrain")
+
+
+def assign(policy: str, batch: CostedBatch, dp: int, microbatches: int) -> Assignment:
+    """Run a policy by name; checks the arguments a user can get wrong."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    if dp < 1 or microbatches < 1:
+        raise ValueError(f"dp and microbatches must be >= 1, got dp={dp}, microbatches={microbatches}")
+    return POLICIES[policy](batch, dp, microbatches)
+
+
+__all__ = [
+    "BASELINES", "POLICIES", "Assignment", "BatchMetrics", "EntrainConfig", "Policy", "assign",
+    "entrain", "evaluate", "lower_bound", "mean_metrics", "work",
+]

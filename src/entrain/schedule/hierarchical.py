@@ -1,0 +1,161 @@
+"""Entrain's hierarchical assignment: balance the LLM, then fit encoder work around it.
+
+The freedom Entrain uses is that a unit's encoder microbatch need not be its sample's LLM
+microbatch, only no later (DESIGN.md section 2). The policy:
+
+1. LLM: samples are packed into all D*M microbatches by LPT on LLM cost, microbatches are
+   dealt to replicas so that replica totals match (DP all-reduce waits for the slowest).
+2. Order: within a replica, microbatches whose samples need the least encoder work per unit
+   of LLM work go first. Their deadlines are then easy to meet, and encoder work of later,
+   encoder-heavy microbatches can be pulled forward into the slack of earlier ones; seen
+   from the LLM, that work is deferred to later microbatches of the same iteration.
+3. Encoders: each encoder's units (an image, a video frame group, a 30 s audio chunk) are
+   placed earliest-deadline-first into (microbatch, replica) bins, pooling all replicas'
+   encoders (an embedding can be sent to any LLM replica). Each bin's target is the
+   encoder's share of the LLM work in that microbatch: a pipeline whose stages are sized to
+   their mean work flows without bubbles when every stage's work per microbatch rises and
+   falls together, and is only hurt where they disagree.
+4. Guarantee: the result is compared with the coupled `joint` assignment; per module, it is
+   never allowed a larger maximum microbatch. Where the proportional targets would exceed
+   it, flat targets are tried, then joint's own LLM packing, under which a coupled
+   placement of each encoder always meets the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from entrain.cost.batch import CostedBatch
+from entrain.schedule.assignment import Assignment
+from entrain.schedule.baselines import joint_bins
+from entrain.schedule.packing import lpt, place_units
+
+
+@dataclass(kw_only=True)
+class EntrainConfig:
+    """Knobs of the Entrain policy; the defaults are what the benchmarks use."""
+
+    proportional: bool = True
+    """Size each encoder bin to the LLM work of its microbatch (False: equal bins)."""
+    fine: float = 0.01
+    """Units smaller than this fraction of a bin are placed by a cut instead of by LPT."""
+    repair_steps: int | None = None
+    """Moves/swaps allowed per encoder to lower the worst bin; None means 2*D*M."""
+
+
+def _deal_to_replicas(bin_load: np.ndarray, dp: int) -> np.ndarray:
+    """Replica of each of the D*M bins: heaviest bins dealt in snake order, M per replica,
+    so replica totals come out nearly equal."""
+    B = bin_load.shape[0]
+    order = np.argsort(-bin_load, kind="stable")
+    rnd, pos = np.divmod(np.arange(B), dp)
+    snake = np.where(rnd % 2 == 0, pos, dp - 1 - pos)
+    rep = np.empty(B, dtype=np.int64)
+    rep[order] = snake
+    return rep
+
+
+def _order_slots(bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, dp: int, M: int) -> np.ndarray:
+    """Microbatch index of each bin within its replica.
+
+    An encoder's units must be encoded by their sample's microbatch, so the encoder work due
+    by microbatch k (the demand) must fit in what microbatches 0..k can hold (the capacity,
+    the encoder's share of their LLM work). For one encoder, running the bins in ascending
+    order of demand minus capacity makes every prefix as slack as possible. With several
+    encoders, bins are chosen greedily, microbatch by microbatch and replica by replica (the
+    encoders are pooled across replicas), to keep the worst encoder's running overdraft
+    smallest. `demand` is (encoders, bins).
+    """
+    B = bin_rep.shape[0]
+    slot = np.zeros(B, dtype=np.int64)
+    total = demand.sum(axis=1, keepdims=True)
+    if demand.shape[0] == 0 or not total.any():
+        order = np.argsort(bin_rep, kind="stable")
+        slot[order] = np.tile(np.arange(M), dp)
+        return slot
+    llm_share = llm_load / llm_load.sum() if llm_load.sum() > 0 else np.full(B, 1.0 / B)
+    scale = np.where(total > 0, total / B, 1.0)
+    x = (demand - total * llm_share) / scale  # overdraft each bin adds, in bins of mean work
+    if demand.shape[0] == 1:
+        order = np.lexsort((x[0], bin_rep))
+        slot[order] = np.tile(np.arange(M), dp)
+        return slot
+    left = [list(np.flatnonzero(bin_rep == r)) for r in range(dp)]
+    running = np.zeros(demand.shape[0])
+    for k in range(M):
+        for r in range(dp):
+            cand = np.asarray(left[r])
+            score = (running[:, None] + x[:, cand]).max(axis=0)
+            i = int(score.argmin())
+            b = int(cand[i])
+            slot[b] = k
+            running += x[:, b]
+            left[r].pop(i)
+    return slot
+
+
+def _max_work(batch: CostedBatch, module: str, bins: np.ndarray, B: int, units=None) -> float:
+    if module == "llm":
+        return float(np.bincount(bins, weights=batch.llm_cost, minlength=B).max(initial=0.0))
+    return float(np.bincount(bins, weights=units.cost, minlength=B).max(initial=0.0))
+
+
+def _targets(enc_total: float, llm_rm: np.ndarray, proportional: bool) -> np.ndarray:
+    """(M, D) target work of one encoder per microbatch and replica."""
+    D, M = llm_rm.shape
+    tot = llm_rm.sum()
+    if proportional and tot > 0:
+        return (enc_total * llm_rm / tot).T
+    return np.full((M, D), enc_total / (D * M))
+
+
+def _try(batch: CostedBatch, dp: int, M: int, bins: np.ndarray, bin_rep: np.ndarray,
+         bound: dict[str, float], cfg: EntrainConfig, coupled_ok: bool) -> Assignment | None:
+    """Entrain with the LLM packed into `bins` (with `bin_rep` their replicas), or None when
+    some module would exceed `bound`."""
+    B = dp * M
+    llm_load = np.bincount(bins, weights=batch.llm_cost, minlength=B)
+    demand = np.array([np.bincount(bins[u.sample], weights=u.cost, minlength=B)
+                       for u in batch.units.values()]).reshape(len(batch.units), B)
+    slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M)
+    s_rep, s_mb = bin_rep[bins], slot_of_bin[bins]
+    llm_rm = np.zeros((dp, M))
+    llm_rm[bin_rep, slot_of_bin] = llm_load
+    unit_rep, unit_mb = {}, {}
+    for e, u in batch.units.items():
+        deadline = s_mb[u.sample]
+        placed = None
+        for prop in ((True, False) if cfg.proportional else (False,)):
+            targets = _targets(float(u.cost.sum()), llm_rm, prop)
+            mb, rep = place_units(u.cost, deadline, targets, cfg.fine, cfg.repair_steps)
+            if _max_work(batch, e, rep * M + mb, B, u) <= bound[e]:
+                placed = (rep, mb)
+                break
+        if placed is None:
+            if not coupled_ok:
+                return None
+            placed = (s_rep[u.sample], deadline)
+        unit_rep[e], unit_mb[e] = placed
+    return Assignment(dp, M, s_rep, s_mb, unit_rep, unit_mb)
+
+
+def entrain(batch: CostedBatch, dp: int, microbatches: int, config: EntrainConfig | None = None) -> Assignment:
+    """The Entrain assignment of one global batch (see the module docstring)."""
+    cfg = config or EntrainConfig()
+    M, B = microbatches, dp * microbatches
+    jb = joint_bins(batch, dp, M)
+    slack = 1 + 1e-9
+    bound = {e: _max_work(batch, e, jb[u.sample], B, u) * slack for e, u in batch.units.items()}
+    bound["llm"] = _max_work(batch, "llm", jb, B) * slack
+    lb = lpt(batch.llm_cost, B)
+    if _max_work(batch, "llm", lb, B) <= bound["llm"]:
+        llm_load = np.bincount(lb, weights=batch.llm_cost, minlength=B)
+        asg = _try(batch, dp, M, lb, _deal_to_replicas(llm_load, dp), bound, cfg, coupled_ok=False)
+        if asg is not None:
+            return asg
+    # joint's packing: its bins are already r*M + k; a coupled encoder placement meets the bound
+    asg = _try(batch, dp, M, jb, np.arange(B) // M, bound, cfg, coupled_ok=True)
+    assert asg is not None
+    return asg
