@@ -84,16 +84,50 @@ def _order_slots(bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, 
         return slot
     left = [list(np.flatnonzero(bin_rep == r)) for r in range(dp)]
     running = np.zeros(demand.shape[0])
+    table = np.zeros((dp, M), dtype=np.int64)  # table[r, k]: the bin run as microbatch k of replica r
     for k in range(M):
         for r in range(dp):
             cand = np.asarray(left[r])
             score = (running[:, None] + x[:, cand]).max(axis=0)
             i = int(score.argmin())
-            b = int(cand[i])
-            slot[b] = k
-            running += x[:, b]
+            table[r, k] = cand[i]
+            running += x[:, cand[i]]
             left[r].pop(i)
+    table = _improve_order(table, x)
+    slot[table] = np.arange(M)[None, :]
     return slot
+
+
+def _improve_order(table: np.ndarray, x: np.ndarray, max_swaps: int | None = None) -> np.ndarray:
+    """Swap two microbatches of one replica while that lowers the worst encoder's largest
+    running overdraft (ties: the total overdraft). The greedy order is myopic: it can leave
+    the bins it avoided early for the end, where they overdraw one encoder."""
+    D, M = table.shape
+    if M < 2:
+        return table
+    k1, k2 = np.triu_indices(M, 1)
+    inside = (np.arange(M)[None, :] >= k1[:, None]) & (np.arange(M)[None, :] < k2[:, None])  # (P, M)
+    for _ in range(max_swaps if max_swaps is not None else D * M):
+        prefix = np.cumsum(x[:, table].sum(axis=1), axis=1)  # (E, M) pooled running overdraft
+        score = _overdraft(prefix)
+        # swapping slots k1 < k2 of replica r shifts the prefixes k1..k2-1 by x[b2] - x[b1]
+        delta = x[:, table[:, k2]] - x[:, table[:, k1]]  # (E, D, P)
+        moved = prefix[:, None, None, :] + delta[..., None] * inside[None, None]  # (E, D, P, M)
+        new = _overdraft(moved)
+        r, p = np.unravel_index(int(new.argmin()), new.shape)
+        if new[r, p] >= score - 1e-12:
+            break
+        a, b = k1[p], k2[p]
+        table[r, a], table[r, b] = table[r, b], table[r, a]
+    return table
+
+
+def _overdraft(prefix: np.ndarray) -> np.ndarray:
+    """Worst running overdraft over encoders and microbatches but the last (leading axis
+    encoders, last axis microbatches; the full sum is always 0). Negative is slack, and more
+    slack is better: units come in sizes, and a prefix with none to spare overflows."""
+    head = prefix[..., :-1]
+    return head.max(axis=(0, -1)) + 1e-3 * np.maximum(head, 0.0).sum(axis=(0, -1))
 
 
 def _max_work(batch: CostedBatch, module: str, bins: np.ndarray, B: int, units=None) -> float:

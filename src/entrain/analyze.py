@@ -1,0 +1,124 @@
+"""`entrain analyze`: run every policy on the global batches of a manifest and compare.
+
+Torch-free: it only needs the workload, the cost model and the policies, so a user can see
+how uneven their microbatches are on a laptop in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from entrain.cost.batch import cost_batch
+from entrain.cost.flops import CostModel, analytic_cost_model
+from entrain.models.spec import ModelSpec
+from entrain.schedule import POLICIES, assign, evaluate, mean_metrics
+from entrain.workload.columnar import Workload
+from entrain.workload.manifest import iter_batches, read_manifest
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig:
+    """What to analyze: the parallel shape and which batches and policies."""
+
+    dp: int
+    """Data-parallel replicas D."""
+    microbatches: int
+    """Microbatches per replica per iteration M."""
+    global_batch: int
+    """Samples per iteration (over all replicas)."""
+    iterations: int = 16
+    """Global batches to analyze, from the start; 0 means all of them."""
+    policies: tuple[str, ...] = tuple(POLICIES)
+    """Policies to run; `entrain` is needed for `cv_reduction`."""
+    seed: int | None = None
+    """Shuffle samples with this seed before batching (as a training epoch would); None
+    keeps manifest order."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "microbatches", "global_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.iterations < 0:
+            raise ValueError(f"--iterations must be >= 0, got {self.iterations}")
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown:
+            raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+        if not self.policies:
+            raise ValueError("no policies to run")
+        self.policies = tuple(dict.fromkeys(self.policies))
+
+
+def global_batches(manifest: str | os.PathLike, cfg: AnalyzeConfig,
+                   on_progress: Callable[[int], None] | None = None) -> Iterator[Workload]:
+    """The first `cfg.iterations` global batches (all when 0); the last one may be a tail
+    smaller than a global batch, which the caller decides about."""
+    if cfg.seed is None:
+        source = iter_batches(manifest, cfg.global_batch, on_progress)
+    else:
+        w = read_manifest(manifest)
+        if on_progress:
+            on_progress(len(w))
+        w = w.take(np.random.default_rng(cfg.seed).permutation(len(w)))
+        source = (w.slice(s, min(s + cfg.global_batch, len(w))) for s in range(0, len(w), cfg.global_batch))
+    for used, batch in enumerate(source, 1):
+        yield batch
+        if cfg.iterations and used >= cfg.iterations:
+            return
+
+
+def cv_reduction(policies: dict[str, dict]) -> dict[str, float | None]:
+    """worst_cv of each baseline over entrain's (None when entrain's is exactly 0)."""
+    if "entrain" not in policies:
+        return {}
+    ours = policies["entrain"]["worst_cv"]
+    out: dict[str, float | None] = {}
+    for name, m in policies.items():
+        if name == "entrain":
+            continue
+        if ours > 0:
+            out[name] = m["worst_cv"] / ours
+        else:
+            out[name] = 1.0 if m["worst_cv"] == 0 else None
+    return out
+
+
+def analyze(manifest: str | os.PathLike, spec: ModelSpec, cfg: AnalyzeConfig,
+            cost_model: CostModel | None = None,
+            on_progress: Callable[[int], None] | None = None) -> dict:
+    """The analysis as plain data (what `entrain analyze --json` prints)."""
+    model = cost_model or analytic_cost_model(spec)
+    rows: dict[str, list] = {p: [] for p in cfg.policies}
+    seconds = dict.fromkeys(cfg.policies, 0.0)
+    n_batches = samples = skipped = 0
+    for batch in global_batches(manifest, cfg, on_progress):
+        if len(batch) < cfg.global_batch and n_batches:
+            skipped = len(batch)  # a short tail beside full batches would skew the means
+            break
+        costed = cost_batch(batch, spec, model)
+        for p in cfg.policies:
+            t0 = time.perf_counter()
+            asg = assign(p, costed, cfg.dp, cfg.microbatches)
+            seconds[p] += time.perf_counter() - t0
+            rows[p].append(evaluate(costed, asg))
+        n_batches += 1
+        samples += len(batch)
+    policies = {}
+    for p in cfg.policies:
+        policies[p] = mean_metrics(rows[p])
+        policies[p]["ms_per_batch"] = 1000 * seconds[p] / n_batches
+    return {
+        "model": spec.name,
+        "modules": list(spec.modules),
+        "config": {k: v for k, v in asdict(cfg).items() if k != "policies"},
+        "iterations": n_batches,
+        "samples": samples,
+        "partial_batch": samples < n_batches * cfg.global_batch,
+        "skipped_tail_samples": skipped,
+        "policies": policies,
+        "cv_reduction": cv_reduction(policies),
+    }
