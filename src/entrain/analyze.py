@@ -42,7 +42,9 @@ class AnalyzeConfig:
     def __post_init__(self) -> None:
         for name in ("dp", "microbatches", "global_batch"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         if self.iterations < 0:
             raise ValueError(f"--iterations must be >= 0, got {self.iterations}")
         unknown = [p for p in self.policies if p not in POLICIES]
@@ -53,8 +55,11 @@ class AnalyzeConfig:
         self.policies = tuple(dict.fromkeys(self.policies))
 
 
-def global_batches(manifest: str | os.PathLike, cfg: AnalyzeConfig,
-                   on_progress: Callable[[int], None] | None = None) -> Iterator[Workload]:
+def global_batches(
+    manifest: str | os.PathLike,
+    cfg: AnalyzeConfig,
+    on_progress: Callable[[int], None] | None = None,
+) -> Iterator[Workload]:
     """The first `cfg.iterations` global batches (all when 0); the last one may be a tail
     smaller than a global batch, which the caller decides about."""
     if cfg.seed is None:
@@ -64,7 +69,10 @@ def global_batches(manifest: str | os.PathLike, cfg: AnalyzeConfig,
         if on_progress:
             on_progress(len(w))
         w = w.take(np.random.default_rng(cfg.seed).permutation(len(w)))
-        source = (w.slice(s, min(s + cfg.global_batch, len(w))) for s in range(0, len(w), cfg.global_batch))
+        source = (
+            w.slice(s, min(s + cfg.global_batch, len(w)))
+            for s in range(0, len(w), cfg.global_batch)
+        )
     for used, batch in enumerate(source, 1):
         yield batch
         if cfg.iterations and used >= cfg.iterations:
@@ -87,9 +95,13 @@ def cv_reduction(policies: dict[str, dict]) -> dict[str, float | None]:
     return out
 
 
-def analyze(manifest: str | os.PathLike, spec: ModelSpec, cfg: AnalyzeConfig,
-            cost_model: CostModel | None = None,
-            on_progress: Callable[[int], None] | None = None) -> dict:
+def analyze(
+    manifest: str | os.PathLike,
+    spec: ModelSpec,
+    cfg: AnalyzeConfig,
+    cost_model: CostModel | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> dict:
     """The analysis as plain data (what `entrain analyze --json` prints)."""
     model = cost_model or analytic_cost_model(spec)
     rows: dict[str, list] = {p: [] for p in cfg.policies}

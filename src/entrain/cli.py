@@ -31,11 +31,18 @@ class UserError(Exception):
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int | None, console: Console) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    description: str, total: int | None, console: Console
+) -> Iterator[Callable[[int], None]]:
     """A progress bar on stderr (only on a terminal, so piped output stays clean)."""
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
     ) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
@@ -109,11 +116,13 @@ def render_analysis(result: dict, console: Console) -> None:
     console.print(table)
     if result["skipped_tail_samples"]:
         console.print(
-            f"[yellow]note:[/] the last {result['skipped_tail_samples']} samples do not fill a global "
-            "batch and were not analyzed"
+            f"[yellow]note:[/] the last {result['skipped_tail_samples']} samples do not fill "
+            "a global batch and were not analyzed"
         )
     if result["partial_batch"]:
-        console.print("[yellow]note:[/] the manifest is smaller than one global batch; analyzed what it has")
+        console.print(
+            "[yellow]note:[/] the manifest is smaller than one global batch; analyzed what it has"
+        )
 
 
 def cmd_analyze(args: argparse.Namespace, err: Console) -> int:
@@ -122,8 +131,12 @@ def cmd_analyze(args: argparse.Namespace, err: Console) -> int:
 
     spec = load_spec(args.model)
     cfg = AnalyzeConfig(
-        dp=args.dp, microbatches=args.microbatches, global_batch=args.global_batch,
-        iterations=args.iterations, policies=tuple(args.policies), seed=args.seed,
+        dp=args.dp,
+        microbatches=args.microbatches,
+        global_batch=args.global_batch,
+        iterations=args.iterations,
+        policies=tuple(args.policies),
+        seed=args.seed,
     )
     total = cfg.iterations * cfg.global_batch if cfg.iterations else None
     with progress_bar("reading samples", total, err) as advance:
@@ -151,34 +164,57 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="synthetic traces shaped like public data sets")
     tsub = trace.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
     gen = tsub.add_parser(
-        "generate", help="write a synthetic manifest",
+        "generate",
+        help="write a synthetic manifest",
         description="Write a JSON Lines manifest whose samples follow the statistics of a public "
-                    "data set (see the README for the sources).",
+        "data set (see the README for the sources).",
     )
-    gen.add_argument("--kind", required=True, choices=sorted(GENERATORS), help="which data set to imitate")
+    gen.add_argument(
+        "--kind", required=True, choices=sorted(GENERATORS), help="which data set to imitate"
+    )
     gen.add_argument("--n", type=int, required=True, help="number of samples")
-    gen.add_argument("--seed", type=int, default=0, help="random seed (same seed, same trace; default 0)")
+    gen.add_argument(
+        "--seed", type=int, default=0, help="random seed (same seed, same trace; default 0)"
+    )
     gen.add_argument("-o", "--output", required=True, help="manifest file to write (.jsonl)")
     gen.set_defaults(func=cmd_trace_generate)
 
     an = sub.add_parser(
-        "analyze", help="how uneven are the microbatches, and what would Entrain gain",
+        "analyze",
+        help="how uneven are the microbatches, and what would Entrain gain",
         description="Split a manifest into global batches, run every policy on each and print the "
-                    "per-microbatch workload variability of every module (DESIGN.md section 6).",
+        "per-microbatch workload variability of every module (DESIGN.md section 6).",
     )
     an.add_argument("manifest", help="JSON Lines manifest (one sample per line)")
-    an.add_argument("--model", required=True,
-                    help=f"model preset ({', '.join(PRESETS)}) or a YAML/JSON spec file")
+    an.add_argument(
+        "--model",
+        required=True,
+        help=f"model preset ({', '.join(PRESETS)}) or a YAML/JSON spec file",
+    )
     an.add_argument("--dp", type=int, required=True, help="data-parallel replicas D")
     an.add_argument("--microbatches", type=int, required=True, help="microbatches per replica M")
     an.add_argument("--global-batch", type=int, required=True, help="samples per iteration")
-    an.add_argument("--iterations", type=int, default=16,
-                    help="global batches to analyze from the start (default 16; 0 = all)")
-    an.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES),
-                    metavar="POLICY", help=f"policies to compare (default: all of {', '.join(POLICIES)})")
-    an.add_argument("--seed", type=int, default=None,
-                    help="shuffle the samples with this seed before batching, as a training epoch "
-                         "would (default: manifest order; reads the whole manifest)")
+    an.add_argument(
+        "--iterations",
+        type=int,
+        default=16,
+        help="global batches to analyze from the start (default 16; 0 = all)",
+    )
+    an.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        choices=list(POLICIES),
+        metavar="POLICY",
+        help=f"policies to compare (default: all of {', '.join(POLICIES)})",
+    )
+    an.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="shuffle the samples with this seed before batching, as a training epoch "
+        "would (default: manifest order; reads the whole manifest)",
+    )
     an.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     an.set_defaults(func=cmd_analyze)
     return p

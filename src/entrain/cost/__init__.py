@@ -4,6 +4,12 @@ from entrain.cost.batch import CostedBatch, MissingEncoderError, UnitTable, cost
 from entrain.cost.flops import CostCoeffs, CostModel, analytic_cost_model, transformer_flops
 
 __all__ = [
-    "CostCoeffs", "CostModel", "CostedBatch", "MissingEncoderError", "UnitTable",
-    "analytic_cost_model", "cost_batch", "transformer_flops",
+    "CostCoeffs",
+    "CostModel",
+    "CostedBatch",
+    "MissingEncoderError",
+    "UnitTable",
+    "analytic_cost_model",
+    "cost_batch",
+    "transformer_flops",
 ]

@@ -5,6 +5,14 @@ from entrain.models.presets import PRESETS
 from entrain.models.spec import AudioSpec, EncoderSpec, ModelSpec, TransformerSpec, VisionSpec
 
 __all__ = [
-    "PRESETS", "AudioSpec", "EncoderSpec", "ModelSpec", "SpecError", "TransformerSpec",
-    "VisionSpec", "load_spec", "spec_from_dict", "spec_to_dict",
+    "PRESETS",
+    "AudioSpec",
+    "EncoderSpec",
+    "ModelSpec",
+    "SpecError",
+    "TransformerSpec",
+    "VisionSpec",
+    "load_spec",
+    "spec_from_dict",
+    "spec_to_dict",
 ]

@@ -39,7 +39,9 @@ class TransformerSpec:
     """Vocabulary for the LM head; 0 for encoders."""
 
     def __post_init__(self) -> None:
-        _positive(self, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        _positive(
+            self, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"
+        )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         _positive(self, "num_key_value_heads")
@@ -97,9 +99,19 @@ class VisionSpec:
     """A frozen encoder runs forward only; its projector still trains."""
 
     def __post_init__(self) -> None:
-        _positive(self, "patch_size", "image_size", "min_pixels", "max_pixels", "merge_size",
-                  "temporal_patch_size", "projector_hidden", "video_min_pixels", "video_max_pixels",
-                  "video_total_pixels")
+        _positive(
+            self,
+            "patch_size",
+            "image_size",
+            "min_pixels",
+            "max_pixels",
+            "merge_size",
+            "temporal_patch_size",
+            "projector_hidden",
+            "video_min_pixels",
+            "video_max_pixels",
+            "video_total_pixels",
+        )
         if self.resize not in ("fixed", "dynamic"):
             raise ValueError(f"VisionSpec.resize must be 'fixed' or 'dynamic', got {self.resize!r}")
         if self.min_pixels > self.max_pixels:
@@ -135,7 +147,9 @@ class AudioSpec:
     """A frozen encoder runs forward only; its projector still trains."""
 
     def __post_init__(self) -> None:
-        _positive(self, "n_mels", "frames_per_second", "chunk_seconds", "downsample", "projector_hidden")
+        _positive(
+            self, "n_mels", "frames_per_second", "chunk_seconds", "downsample", "projector_hidden"
+        )
         self.modalities = tuple(self.modalities)
 
 
@@ -164,7 +178,9 @@ class ModelSpec:
         for e in self.encoders:
             for m in e.modalities:
                 if m in seen:
-                    raise ValueError(f"modality {m!r} is consumed by both {seen[m]!r} and {e.name!r}")
+                    raise ValueError(
+                        f"modality {m!r} is consumed by both {seen[m]!r} and {e.name!r}"
+                    )
                 seen[m] = e.name
 
     @property

@@ -6,7 +6,13 @@ from collections.abc import Callable
 
 from entrain.cost.batch import CostedBatch
 from entrain.schedule.assignment import Assignment
-from entrain.schedule.baselines import encoder_balanced, encoder_rebalance, joint, llm_balanced, sequential
+from entrain.schedule.baselines import (
+    encoder_balanced,
+    encoder_rebalance,
+    joint,
+    llm_balanced,
+    sequential,
+)
 from entrain.schedule.hierarchical import EntrainConfig, entrain
 from entrain.schedule.metrics import BatchMetrics, evaluate, lower_bound, mean_metrics, work
 
@@ -28,11 +34,23 @@ def assign(policy: str, batch: CostedBatch, dp: int, microbatches: int) -> Assig
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if dp < 1 or microbatches < 1:
-        raise ValueError(f"dp and microbatches must be >= 1, got dp={dp}, microbatches={microbatches}")
+        raise ValueError(
+            f"dp and microbatches must be >= 1, got dp={dp}, microbatches={microbatches}"
+        )
     return POLICIES[policy](batch, dp, microbatches)
 
 
 __all__ = [
-    "BASELINES", "POLICIES", "Assignment", "BatchMetrics", "EntrainConfig", "Policy", "assign",
-    "entrain", "evaluate", "lower_bound", "mean_metrics", "work",
+    "BASELINES",
+    "POLICIES",
+    "Assignment",
+    "BatchMetrics",
+    "EntrainConfig",
+    "Policy",
+    "assign",
+    "entrain",
+    "evaluate",
+    "lower_bound",
+    "mean_metrics",
+    "work",
 ]

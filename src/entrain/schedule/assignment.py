@@ -41,7 +41,9 @@ class Assignment:
         return self.unit_replica[encoder] * self.microbatches + self.unit_mb[encoder]
 
     @staticmethod
-    def coupled(batch: CostedBatch, dp: int, microbatches: int, sample_bin: np.ndarray) -> Assignment:
+    def coupled(
+        batch: CostedBatch, dp: int, microbatches: int, sample_bin: np.ndarray
+    ) -> Assignment:
         """Every unit runs with its sample: the assignment of all non-decoupled policies."""
         sample_bin = np.asarray(sample_bin, dtype=np.int64)
         rep, mb = np.divmod(sample_bin, microbatches)
@@ -81,5 +83,7 @@ class Assignment:
                 continue
             late = k > self.sample_mb[u.sample]
             if late.any():
-                out.append(f"{e}: {int(late.sum())} unit(s) encoded after their sample's LLM microbatch")
+                out.append(
+                    f"{e}: {int(late.sum())} unit(s) encoded after their sample's LLM microbatch"
+                )
         return out

@@ -6,7 +6,13 @@ import numpy as np
 
 from entrain.cost.batch import CostedBatch
 from entrain.schedule.assignment import Assignment
-from entrain.schedule.packing import lpt, lpt_groups, normalized, vector_greedy, vector_greedy_groups
+from entrain.schedule.packing import (
+    lpt,
+    lpt_groups,
+    normalized,
+    vector_greedy,
+    vector_greedy_groups,
+)
 
 
 def _replicas_then_microbatches(key: np.ndarray, dp: int, microbatches: int) -> np.ndarray:
@@ -25,8 +31,9 @@ def sequential(batch: CostedBatch, dp: int, microbatches: int) -> Assignment:
 
 def llm_balanced(batch: CostedBatch, dp: int, microbatches: int) -> Assignment:
     """Balances LLM cost only, as text-LLM trainers balance sequence lengths."""
-    return Assignment.coupled(batch, dp, microbatches,
-                              _replicas_then_microbatches(batch.llm_cost, dp, microbatches))
+    return Assignment.coupled(
+        batch, dp, microbatches, _replicas_then_microbatches(batch.llm_cost, dp, microbatches)
+    )
 
 
 def heaviest_encoder(batch: CostedBatch) -> str | None:
@@ -40,7 +47,9 @@ def encoder_balanced(batch: CostedBatch, dp: int, microbatches: int) -> Assignme
     """Balances the heaviest encoder's cost only (samples without its items spread by count)."""
     enc = heaviest_encoder(batch)
     key = batch.module_cost_per_sample(enc) if enc else batch.llm_cost
-    return Assignment.coupled(batch, dp, microbatches, _replicas_then_microbatches(key, dp, microbatches))
+    return Assignment.coupled(
+        batch, dp, microbatches, _replicas_then_microbatches(key, dp, microbatches)
+    )
 
 
 def joint_bins(batch: CostedBatch, dp: int, microbatches: int) -> np.ndarray:

@@ -57,7 +57,9 @@ def _deal_to_replicas(bin_load: np.ndarray, dp: int) -> np.ndarray:
     return rep
 
 
-def _order_slots(bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, dp: int, M: int) -> np.ndarray:
+def _order_slots(
+    bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, dp: int, M: int
+) -> np.ndarray:
     """Microbatch index of each bin within its replica.
 
     An encoder's units must be encoded by their sample's microbatch, so the encoder work due
@@ -84,7 +86,9 @@ def _order_slots(bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, 
         return slot
     left = [list(np.flatnonzero(bin_rep == r)) for r in range(dp)]
     running = np.zeros(demand.shape[0])
-    table = np.zeros((dp, M), dtype=np.int64)  # table[r, k]: the bin run as microbatch k of replica r
+    table = np.zeros(
+        (dp, M), dtype=np.int64
+    )  # table[r, k]: the bin run as microbatch k of replica r
     for k in range(M):
         for r in range(dp):
             cand = np.asarray(left[r])
@@ -106,7 +110,9 @@ def _improve_order(table: np.ndarray, x: np.ndarray, max_swaps: int | None = Non
     if M < 2:
         return table
     k1, k2 = np.triu_indices(M, 1)
-    inside = (np.arange(M)[None, :] >= k1[:, None]) & (np.arange(M)[None, :] < k2[:, None])  # (P, M)
+    inside = (np.arange(M)[None, :] >= k1[:, None]) & (
+        np.arange(M)[None, :] < k2[:, None]
+    )  # (P, M)
     for _ in range(max_swaps if max_swaps is not None else D * M):
         prefix = np.cumsum(x[:, table].sum(axis=1), axis=1)  # (E, M) pooled running overdraft
         score = _overdraft(prefix)
@@ -145,14 +151,23 @@ def _targets(enc_total: float, llm_rm: np.ndarray, proportional: bool) -> np.nda
     return np.full((M, D), enc_total / (D * M))
 
 
-def _try(batch: CostedBatch, dp: int, M: int, bins: np.ndarray, bin_rep: np.ndarray,
-         bound: dict[str, float], cfg: EntrainConfig, coupled_ok: bool) -> Assignment | None:
+def _try(
+    batch: CostedBatch,
+    dp: int,
+    M: int,
+    bins: np.ndarray,
+    bin_rep: np.ndarray,
+    bound: dict[str, float],
+    cfg: EntrainConfig,
+    coupled_ok: bool,
+) -> Assignment | None:
     """Entrain with the LLM packed into `bins` (with `bin_rep` their replicas), or None when
     some module would exceed `bound`."""
     B = dp * M
     llm_load = np.bincount(bins, weights=batch.llm_cost, minlength=B)
-    demand = np.array([np.bincount(bins[u.sample], weights=u.cost, minlength=B)
-                       for u in batch.units.values()]).reshape(len(batch.units), B)
+    demand = np.array(
+        [np.bincount(bins[u.sample], weights=u.cost, minlength=B) for u in batch.units.values()]
+    ).reshape(len(batch.units), B)
     slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M)
     s_rep, s_mb = bin_rep[bins], slot_of_bin[bins]
     llm_rm = np.zeros((dp, M))
@@ -161,7 +176,7 @@ def _try(batch: CostedBatch, dp: int, M: int, bins: np.ndarray, bin_rep: np.ndar
     for e, u in batch.units.items():
         deadline = s_mb[u.sample]
         placed = None
-        for prop in ((True, False) if cfg.proportional else (False,)):
+        for prop in (True, False) if cfg.proportional else (False,):
             targets = _targets(float(u.cost.sum()), llm_rm, prop)
             mb, rep = place_units(u.cost, deadline, targets, cfg.fine, cfg.repair_steps)
             if _max_work(batch, e, rep * M + mb, B, u) <= bound[e]:
@@ -175,7 +190,9 @@ def _try(batch: CostedBatch, dp: int, M: int, bins: np.ndarray, bin_rep: np.ndar
     return Assignment(dp, M, s_rep, s_mb, unit_rep, unit_mb)
 
 
-def entrain(batch: CostedBatch, dp: int, microbatches: int, config: EntrainConfig | None = None) -> Assignment:
+def entrain(
+    batch: CostedBatch, dp: int, microbatches: int, config: EntrainConfig | None = None
+) -> Assignment:
     """The Entrain assignment of one global batch (see the module docstring)."""
     cfg = config or EntrainConfig()
     M, B = microbatches, dp * microbatches

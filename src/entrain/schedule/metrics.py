@@ -14,8 +14,7 @@ def work(batch: CostedBatch, asg: Assignment) -> dict[str, np.ndarray]:
     """w[m][j]: work of module m in flat microbatch j = r*M + k, shape (D*M,) per module."""
     B = asg.n_bins
     out = {
-        e: np.bincount(asg.unit_bin(e), weights=u.cost, minlength=B)
-        for e, u in batch.units.items()
+        e: np.bincount(asg.unit_bin(e), weights=u.cost, minlength=B) for e, u in batch.units.items()
     }
     out["llm"] = np.bincount(asg.llm_bin(), weights=batch.llm_cost, minlength=B)
     return out
@@ -36,7 +35,7 @@ def deferred_tokens(batch: CostedBatch, asg: Assignment) -> np.ndarray:
     """Embedding tokens each LLM replica holds while running microbatch k, shape (D, M):
     those of units encoded at or before k whose sample's LLM work runs after k."""
     D, M = asg.dp, asg.microbatches
-    diff = np.zeros((D, M + 1))
+    diff = np.zeros(D * (M + 1))
     for e, u in batch.units.items():
         start = asg.unit_mb[e]
         end = asg.sample_mb[u.sample]
@@ -45,9 +44,9 @@ def deferred_tokens(batch: CostedBatch, asg: Assignment) -> np.ndarray:
             continue
         rep = asg.sample_replica[u.sample][held]
         tok = u.llm_tokens[held].astype(np.float64)
-        np.add.at(diff, (rep, start[held]), tok)
-        np.add.at(diff, (rep, end[held]), -tok)
-    return np.cumsum(diff, axis=1)[:, :M]
+        diff += np.bincount(rep * (M + 1) + start[held], weights=tok, minlength=D * (M + 1))
+        diff -= np.bincount(rep * (M + 1) + end[held], weights=tok, minlength=D * (M + 1))
+    return np.cumsum(diff.reshape(D, M + 1), axis=1)[:, :M]
 
 
 @dataclass

@@ -10,6 +10,13 @@ from entrain.workload.manifest import (
 )
 
 __all__ = [
-    "MODALITIES", "MODALITY_FIELDS", "ItemTable", "ManifestError", "ManifestReader", "Workload",
-    "iter_batches", "read_manifest", "write_manifest",
+    "MODALITIES",
+    "MODALITY_FIELDS",
+    "ItemTable",
+    "ManifestError",
+    "ManifestReader",
+    "Workload",
+    "iter_batches",
+    "read_manifest",
+    "write_manifest",
 ]

@@ -69,7 +69,9 @@ class _Chunk:
 
     @staticmethod
     def new() -> _Chunk:
-        return _Chunk([], [], [], {m: [] for m in MODALITY_FIELDS}, {m: [] for m in MODALITY_FIELDS})
+        return _Chunk(
+            [], [], [], {m: [] for m in MODALITY_FIELDS}, {m: [] for m in MODALITY_FIELDS}
+        )
 
     def to_workload(self) -> Workload:
         items = {}
@@ -89,19 +91,25 @@ def parse_record(path: str | os.PathLike, lineno: int, text: str) -> dict:
     try:
         rec = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ManifestError(path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})")
+        raise ManifestError(
+            path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"
+        ) from None
     if not isinstance(rec, dict):
         raise ManifestError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
     if "id" not in rec:
         raise ManifestError(path, lineno, "id", "missing (every sample needs a unique string id)")
     sid = rec["id"]
     if not isinstance(sid, str) or not sid:
-        raise ManifestError(path, lineno, "id", f"expected a non-empty string, got {json.dumps(sid)}")
+        raise ManifestError(
+            path, lineno, "id", f"expected a non-empty string, got {json.dumps(sid)}"
+        )
     if "text_tokens" not in rec:
         raise ManifestError(path, lineno, "text_tokens", "missing (an integer >= 0)")
     tt = rec["text_tokens"]
     if not _is_int(tt) or tt < 0:
-        raise ManifestError(path, lineno, "text_tokens", f"expected an integer >= 0, got {json.dumps(tt)}")
+        raise ManifestError(
+            path, lineno, "text_tokens", f"expected an integer >= 0, got {json.dumps(tt)}"
+        )
     for m in MODALITY_FIELDS:
         v = rec.get(m)
         if v is None:  # a missing key or null both mean "no item of this modality"
@@ -148,7 +156,9 @@ class ManifestReader:
                 try:
                     text = f.readline()
                 except UnicodeDecodeError as e:
-                    raise ManifestError(self.path, lineno + 1, None, f"not UTF-8 text ({e.reason})")
+                    raise ManifestError(
+                        self.path, lineno + 1, None, f"not UTF-8 text ({e.reason})"
+                    ) from None
                 if not text:
                     break
                 lineno += 1
@@ -171,7 +181,10 @@ class ManifestReader:
             first = self._first_line_with_id(sid, lineno)
             if first is not None:
                 raise ManifestError(
-                    self.path, lineno, "id", f"duplicate id {json.dumps(sid)} (first seen on line {first})"
+                    self.path,
+                    lineno,
+                    "id",
+                    f"duplicate id {json.dumps(sid)} (first seen on line {first})",
                 )
         self._seen.add(h)
         s = len(chunk.ids)

@@ -21,11 +21,14 @@ def _lognormal(rng: np.random.Generator, median: float, sigma: float, n: int, lo
     return np.clip(rng.lognormal(np.log(median), sigma, n), lo, hi)
 
 
-def _image_sizes(rng: np.random.Generator, n: int, median_side: float, sigma: float,
-                 lo: int, hi: int) -> np.ndarray:
+def _image_sizes(
+    rng: np.random.Generator, n: int, median_side: float, sigma: float, lo: int, hi: int
+) -> np.ndarray:
     """(n, 2) [height, width]: a long side from a lognormal and a common photo aspect ratio."""
     long_side = _lognormal(rng, median_side, sigma, n, lo, hi)
-    aspect = rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 2.0, 1.25], size=n, p=[0.2, 0.35, 0.2, 0.15, 0.05, 0.05])
+    aspect = rng.choice(
+        [1.0, 4 / 3, 3 / 2, 16 / 9, 2.0, 1.25], size=n, p=[0.2, 0.35, 0.2, 0.15, 0.05, 0.05]
+    )
     short = np.maximum(28, long_side / aspect)
     landscape = rng.random(n) < 0.7
     h = np.where(landscape, short, long_side)
@@ -33,7 +36,9 @@ def _image_sizes(rng: np.random.Generator, n: int, median_side: float, sigma: fl
     return np.stack([np.round(h), np.round(w)], axis=1)
 
 
-def _items(rng: np.random.Generator, counts: np.ndarray, sizes: Callable[[int], np.ndarray]) -> ItemTable:
+def _items(
+    rng: np.random.Generator, counts: np.ndarray, sizes: Callable[[int], np.ndarray]
+) -> ItemTable:
     sample = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
     size = sizes(int(sample.shape[0])).astype(np.float64)
     return ItemTable(sample, size.reshape(sample.shape[0], -1))
@@ -54,7 +59,9 @@ def _llava_instruct(rng: np.random.Generator, n: int) -> dict:
     text_only = rng.random(n) < 0.062
     turns = np.minimum(1 + rng.geometric(0.35, n), 20)
     per_turn = _lognormal(rng, 45, 0.8, n, 4, 600)
-    text = np.where(text_only, _lognormal(rng, 600, 0.8, n, 30, 2048), np.minimum(turns * per_turn + 12, 1600))
+    text = np.where(
+        text_only, _lognormal(rng, 600, 0.8, n, 30, 2048), np.minimum(turns * per_turn + 12, 1600)
+    )
     counts = (~text_only).astype(np.int64)
     # COCO (max side 640), GQA/VG (~500-800), TextVQA/OCR-VQA (up to ~1024)
     images = _items(rng, counts, lambda k: _image_sizes(rng, k, 620, 0.25, 150, 1600))
@@ -80,8 +87,14 @@ def _omni(rng: np.random.Generator, n: int) -> dict:
     img_counts = has_img * (1 + (rng.random(n) < 0.2))
     aud_counts = has_aud * (1 + (rng.random(n) < 0.1))
     text = _lognormal(rng, 120, 0.9, n, 8, 4096)
-    images = _items(rng, img_counts.astype(np.int64), lambda k: _image_sizes(rng, k, 640, 0.45, 64, 3000))
-    audio = _items(rng, aud_counts.astype(np.int64), lambda k: np.round(_lognormal(rng, 8.0, 1.0, k, 0.5, 300), 2))
+    images = _items(
+        rng, img_counts.astype(np.int64), lambda k: _image_sizes(rng, k, 640, 0.45, 64, 3000)
+    )
+    audio = _items(
+        rng,
+        aud_counts.astype(np.int64),
+        lambda k: np.round(_lognormal(rng, 8.0, 1.0, k, 0.5, 300), 2),
+    )
     return {"text": np.round(text), "image": images, "audio": audio}
 
 
@@ -90,7 +103,9 @@ def _video_sizes(rng: np.random.Generator, k: int) -> np.ndarray:
     # spans 0-3 min); 360p..1080p frames, some portrait.
     seconds = _lognormal(rng, 30, 0.9, k, 2, 600)
     frames = np.clip(2 * np.round(seconds), 4, 768)
-    res = np.array([[360, 640], [480, 854], [720, 1280], [1080, 1920]])[rng.choice(4, k, p=[0.3, 0.3, 0.3, 0.1])]
+    res = np.array([[360, 640], [480, 854], [720, 1280], [1080, 1920]])[
+        rng.choice(4, k, p=[0.3, 0.3, 0.3, 0.1])
+    ]
     portrait = rng.random(k) < 0.15
     res[portrait] = res[portrait][:, ::-1]
     return np.column_stack([frames, res])
@@ -99,7 +114,9 @@ def _video_sizes(rng: np.random.Generator, k: int) -> np.ndarray:
 def _video(rng: np.random.Generator, n: int) -> dict:
     kind = rng.choice(3, size=n, p=[0.05, 0.10, 0.85])  # text-only, image, video
     text = _lognormal(rng, 150, 0.8, n, 8, 4096)
-    images = _items(rng, (kind == 1).astype(np.int64), lambda k: _image_sizes(rng, k, 640, 0.35, 100, 2000))
+    images = _items(
+        rng, (kind == 1).astype(np.int64), lambda k: _image_sizes(rng, k, 640, 0.35, 100, 2000)
+    )
     video = _items(rng, (kind == 2).astype(np.int64), lambda k: _video_sizes(rng, k))
     return {"text": np.round(text), "image": images, "video": video}
 
@@ -137,7 +154,12 @@ def generate_workload(kind: str, n: int, seed: int = 0) -> Workload:
     return Workload.concat(list(generate(kind, n, seed)))
 
 
-def write_trace(kind: str, n: int, seed: int, path: str | os.PathLike,
-                on_progress: Callable[[int], None] | None = None) -> int:
+def write_trace(
+    kind: str,
+    n: int,
+    seed: int,
+    path: str | os.PathLike,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
     """Write a trace as a manifest; returns the number of samples written."""
     return write_manifest(path, generate(kind, n, seed), on_progress=on_progress)
