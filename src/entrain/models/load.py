@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,42 @@ class SpecError(ValueError):
     """A model spec file or name that cannot be used; the message says where and why."""
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a plain value (from YAML/JSON) fits a field's type hint."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_type_ok(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # nested specs are checked by their own _build
+
+
+def _build(cls: type, data: Any, where: str, **nested: Any) -> Any:
+    """`cls(**data)` with every key known and every value of the right type; `nested`
+    holds fields already built (sub-specs)."""
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(hints), key=str)
     if unknown:
-        raise SpecError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        raise SpecError(f"{where}: unknown key(s) {unknown}; known: {sorted(hints)}")
     kwargs = dict(data)
-    if "encoder" in kwargs:
-        kwargs["encoder"] = _build(TransformerSpec, kwargs["encoder"], f"{where}.encoder")
+    for key, value in kwargs.items():
+        if key not in nested and not _type_ok(value, hints[key]):
+            raise SpecError(f"{where}.{key}: {value!r} is not a valid {_describe(hints[key])}")
+    kwargs.update(nested)
     if "modalities" in kwargs:
         kwargs["modalities"] = tuple(kwargs["modalities"])
     try:
@@ -40,34 +68,35 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise SpecError(f"{where}: {e}") from None
 
 
+def _describe(hint: Any) -> str:
+    name = getattr(hint, "__name__", None)
+    return name if name and not typing.get_args(hint) else str(hint).replace("typing.", "")
+
+
 def spec_from_dict(data: dict, where: str = "spec") -> ModelSpec:
     """Build a ModelSpec from plain data (the inverse of `spec_to_dict`)."""
     if not isinstance(data, dict):
         raise SpecError(f"{where}: expected a mapping at the top level")
     data = dict(data)
+    raw_encoders = data.get("encoders") or []
+    if not isinstance(raw_encoders, list):
+        raise SpecError(f"{where}.encoders: expected a list of encoders")
     encoders = []
-    for i, enc in enumerate(data.pop("encoders", []) or []):
-        if not isinstance(enc, dict) or enc.get("type") not in _ENCODER_TYPES:
-            raise SpecError(f"{where}.encoders[{i}]: needs 'type' of {sorted(_ENCODER_TYPES)}")
-        enc = dict(enc)
-        cls = _ENCODER_TYPES[enc.pop("type")]
-        encoders.append(_build(cls, enc, f"{where}.encoders[{i}]"))
+    for i, enc in enumerate(raw_encoders):
+        at = f"{where}.encoders[{i}]"
+        kind = enc.get("type") if isinstance(enc, dict) else None
+        if not isinstance(kind, str) or kind not in _ENCODER_TYPES:
+            raise SpecError(f"{at}: needs 'type', one of {sorted(_ENCODER_TYPES)}")
+        enc = {k: v for k, v in enc.items() if k != "type"}
+        if "encoder" not in enc:
+            raise SpecError(f"{at}: missing 'encoder' (its transformer shape)")
+        stack = _build(TransformerSpec, enc["encoder"], f"{at}.encoder")
+        encoders.append(_build(_ENCODER_TYPES[kind], enc, at, encoder=stack))
     if "llm" not in data:
         raise SpecError(f"{where}: missing 'llm'")
-    data["llm"] = _build(TransformerSpec, data["llm"], f"{where}.llm")
+    llm = _build(TransformerSpec, data["llm"], f"{where}.llm")
     data.setdefault("name", "custom")
-    try:
-        return _build_model(data, encoders, where)
-    except ValueError as e:
-        raise SpecError(f"{where}: {e}") from None
-
-
-def _build_model(data: dict, encoders: list, where: str) -> ModelSpec:
-    known = {f.name for f in dataclasses.fields(ModelSpec)} - {"encoders"}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SpecError(f"{where}: unknown key(s) {unknown}")
-    return ModelSpec(encoders=tuple(encoders), **data)
+    return _build(ModelSpec, data, where, llm=llm, encoders=tuple(encoders))
 
 
 def spec_to_dict(spec: ModelSpec) -> dict:

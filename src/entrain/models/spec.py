@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from entrain.workload.columnar import MODALITIES
+
 
 def _positive(obj: object, *names: str) -> None:
     for n in names:
@@ -177,6 +179,10 @@ class ModelSpec:
         seen: dict[str, str] = {}
         for e in self.encoders:
             for m in e.modalities:
+                if m not in MODALITIES:
+                    raise ValueError(
+                        f"encoder {e.name!r}: unknown modality {m!r} (known: {MODALITIES})"
+                    )
                 if m in seen:
                     raise ValueError(
                         f"modality {m!r} is consumed by both {seen[m]!r} and {e.name!r}"

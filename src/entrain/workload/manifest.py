@@ -29,13 +29,27 @@ class ManifestError(ValueError):
         super().__init__(f"{where}:{what} {msg}")
 
 
+# Sizes are held as float64 and counts as int64: beyond 2**53 neither is exact, and no real
+# image side, token count or duration comes near it.
+_LIMIT = 2**53
+# JSON's own whitespace; other characters str.strip() removes (form feed, U+3000, ...) make
+# a line that is not blank, and not valid either.
+_JSON_SPACE = b" \t\r\n"
+
+
 def _is_int(v: object) -> bool:
     # JSON true/false parse as bool, a subclass of int; they are never a valid count.
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and -_LIMIT < v < _LIMIT
 
 
 def _is_number(v: object) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v) and abs(v) < _LIMIT)
+
+
+def _show(v: object, width: int = 40) -> str:
+    """A JSON value for an error message, shortened so a huge one does not flood the line."""
+    text = json.dumps(v)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _check_item(modality: str, value: object) -> str | None:
@@ -43,7 +57,7 @@ def _check_item(modality: str, value: object) -> str | None:
     fields = MODALITY_FIELDS[modality]
     if modality == "audio":
         if not _is_number(value):
-            return f"expected a duration in seconds (a number), got {json.dumps(value)}"
+            return f"expected a duration in seconds (a finite number), got {_show(value)}"
         if value <= 0:
             return f"duration must be > 0 seconds, got {value}"
         return None
@@ -51,7 +65,7 @@ def _check_item(modality: str, value: object) -> str | None:
         return f"expected [{', '.join(fields)}], got {json.dumps(value)}"
     for name, v in zip(fields, value):
         if not _is_int(v):
-            return f"{name} must be an integer, got {json.dumps(v)}"
+            return f"{name} must be an integer below 2**53, got {_show(v)}"
         if v <= 0:
             return f"{name} must be a positive integer, got {v}"
     return None
@@ -94,6 +108,8 @@ def parse_record(path: str | os.PathLike, lineno: int, text: str) -> dict:
         raise ManifestError(
             path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"
         ) from None
+    except (ValueError, RecursionError) as e:  # Python's limits: huge integers, deep nesting
+        raise ManifestError(path, lineno, None, f"not a usable JSON object ({e})") from None
     if not isinstance(rec, dict):
         raise ManifestError(path, lineno, None, f"expected a JSON object, got {type(rec).__name__}")
     if "id" not in rec:
@@ -115,7 +131,7 @@ def parse_record(path: str | os.PathLike, lineno: int, text: str) -> dict:
         if v is None:  # a missing key or null both mean "no item of this modality"
             continue
         if not isinstance(v, list):
-            raise ManifestError(path, lineno, m, f"expected a list of items, got {json.dumps(v)}")
+            raise ManifestError(path, lineno, m, f"expected a list of items, got {_show(v)}")
         for k, item in enumerate(v):
             why = _check_item(m, item)
             if why:
@@ -138,11 +154,11 @@ class ManifestReader:
         self._seen: set[int] = set()
 
     def _first_line_with_id(self, sid: str, before: int) -> int | None:
-        with open(self.path, encoding="utf-8") as f:
-            for lineno, text in enumerate(f, 1):
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
                 if lineno >= before:
                     return None
-                if text.strip() and json.loads(text).get("id") == sid:
+                if raw.strip(_JSON_SPACE) and json.loads(raw).get("id") == sid:
                     return lineno
         return None
 
@@ -150,20 +166,18 @@ class ManifestReader:
         if not self.path.exists():
             raise ManifestError(self.path, None, None, "file not found")
         chunk = _Chunk.new()
-        with open(self.path, encoding="utf-8", errors="strict") as f:
-            lineno = 0
-            while True:
+        # Binary lines, decoded one by one: a text-mode reader decodes ahead in blocks and
+        # would blame a bad byte on the wrong line.
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip(_JSON_SPACE):
+                    continue  # a blank line holds no sample, so nothing is dropped
                 try:
-                    text = f.readline()
+                    text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise ManifestError(
-                        self.path, lineno + 1, None, f"not UTF-8 text ({e.reason})"
+                        self.path, lineno, None, f"not UTF-8 text ({e.reason})"
                     ) from None
-                if not text:
-                    break
-                lineno += 1
-                if not text.strip():
-                    continue  # a blank line holds no sample, so nothing is dropped
                 rec = parse_record(self.path, lineno, text)
                 self._add(chunk, lineno, rec)
                 if len(chunk.ids) >= self.chunk_size:
