@@ -15,15 +15,8 @@ import time
 from entrain.cost import cost_batch
 from entrain.models import load_spec
 from entrain.schedule import POLICIES, evaluate
-from entrain.workload.traces import generate_workload
+from entrain.workload.traces import TRACE_MODELS, generate_workload
 
-TRACES = {
-    "llava-pretrain": "llava-1.5-7b",
-    "llava-instruct": "llava-1.5-7b",
-    "interleaved": "qwen2-vl-7b",
-    "omni": "omni-7b",
-    "video": "qwen2-vl-7b",
-}
 N, D, M, REPEAT, BUDGET_MS = 4096, 8, 16, 7, 50.0
 
 
@@ -48,7 +41,7 @@ def main() -> int:
         + "  entrain/joint  worst_cv seq/entrain"
     )
     worst = 0.0
-    for kind, model in TRACES.items():
+    for kind, model in TRACE_MODELS.items():
         batch = cost_batch(generate_workload(kind, N, seed=1), load_spec(model))
         ms = {p: median_ms(POLICIES[p], batch) for p in names}
         cv = {

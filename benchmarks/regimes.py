@@ -15,15 +15,8 @@ from pathlib import Path
 from entrain.analyze import AnalyzeConfig, analyze
 from entrain.models import load_spec
 from entrain.schedule import POLICIES
-from entrain.workload.traces import write_trace
+from entrain.workload.traces import TRACE_MODELS, write_trace
 
-TRACES = {
-    "llava-pretrain": "llava-1.5-7b",
-    "llava-instruct": "llava-1.5-7b",
-    "interleaved": "qwen2-vl-7b",
-    "omni": "omni-7b",
-    "video": "qwen2-vl-7b",
-}
 REGIMES = {"wide": (4, 8), "narrow": (8, 32)}
 N, GLOBAL_BATCH, SEED = 4096, 512, 0
 
@@ -31,7 +24,7 @@ N, GLOBAL_BATCH, SEED = 4096, 512, 0
 def main(out: Path = Path("out/traces")) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for kind, model in TRACES.items():
+    for kind, model in TRACE_MODELS.items():
         path = out / f"{kind}.jsonl"
         write_trace(kind, N, SEED, path)
         for regime, (dp, m) in REGIMES.items():
@@ -48,7 +41,7 @@ def main(out: Path = Path("out/traces")) -> int:
         print("worst_cv (lower is better); last column: sequential's worst_cv over entrain's\n")
         print("| trace | model | " + " | ".join(names) + " | seq/entrain |")
         print("|---" * (len(names) + 3) + "|")
-        for kind, model in TRACES.items():
+        for kind, model in TRACE_MODELS.items():
             r = results[kind, regime]
             cells = [f"{r['policies'][p]['worst_cv']:.4f}" for p in names]
             print(
@@ -59,7 +52,7 @@ def main(out: Path = Path("out/traces")) -> int:
         print("\nstretch (1.0: no imbalance bubbles) and entrain's worst bound_gap\n")
         print("| trace | " + " | ".join(names) + " | entrain bound_gap |")
         print("|---" * (len(names) + 2) + "|")
-        for kind in TRACES:
+        for kind in TRACE_MODELS:
             r = results[kind, regime]
             cells = [f"{r['policies'][p]['stretch']:.4f}" for p in names]
             gap = max(r["policies"]["entrain"]["bound_gap"].values())

@@ -11,16 +11,8 @@ from entrain.cost import cost_batch
 from entrain.models import load_spec
 from entrain.schedule import BASELINES, assign, work
 from entrain.workload.manifest import iter_batches
-from entrain.workload.traces import write_trace
+from entrain.workload.traces import TRACE_MODELS, write_trace
 
-# each trace with the model it is meant for
-TRACES = {
-    "llava-pretrain": "llava-1.5-7b",
-    "llava-instruct": "llava-1.5-7b",
-    "interleaved": "qwen2-vl-7b",
-    "omni": "omni-7b",
-    "video": "qwen2-vl-7b",
-}
 ITERATIONS = 4
 GLOBAL_BATCH = 512
 
@@ -29,7 +21,7 @@ GLOBAL_BATCH = 512
 def traces(tmp_path_factory):
     root = tmp_path_factory.mktemp("traces")
     out = {}
-    for kind in TRACES:
+    for kind in TRACE_MODELS:
         path = root / f"{kind}.jsonl"
         write_trace(kind, ITERATIONS * GLOBAL_BATCH, seed=0, path=path)
         out[kind] = path
@@ -39,7 +31,7 @@ def traces(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["interleaved", "omni"])
 def test_wide_regime(traces, kind):
     cfg = AnalyzeConfig(dp=4, microbatches=8, global_batch=GLOBAL_BATCH, iterations=ITERATIONS)
-    res = analyze(traces[kind], load_spec(TRACES[kind]), cfg)
+    res = analyze(traces[kind], load_spec(TRACE_MODELS[kind]), cfg)
     pol = res["policies"]
     ours = pol["entrain"]
     assert res["iterations"] == ITERATIONS
@@ -50,10 +42,10 @@ def test_wide_regime(traces, kind):
         assert gap <= 0.05, (module, gap)
 
 
-@pytest.mark.parametrize("kind", list(TRACES))
+@pytest.mark.parametrize("kind", list(TRACE_MODELS))
 def test_narrow_regime_stretch_is_lowest(traces, kind):
     cfg = AnalyzeConfig(dp=8, microbatches=32, global_batch=GLOBAL_BATCH, iterations=ITERATIONS)
-    pol = analyze(traces[kind], load_spec(TRACES[kind]), cfg)["policies"]
+    pol = analyze(traces[kind], load_spec(TRACE_MODELS[kind]), cfg)["policies"]
     for b in BASELINES:
         assert pol["entrain"]["stretch"] <= pol[b]["stretch"], (
             b,
@@ -62,10 +54,10 @@ def test_narrow_regime_stretch_is_lowest(traces, kind):
         )
 
 
-@pytest.mark.parametrize("kind", list(TRACES))
+@pytest.mark.parametrize("kind", list(TRACE_MODELS))
 @pytest.mark.parametrize("shape", [(4, 8), (8, 32)])
 def test_entrain_never_worse_than_joint_on_traces(traces, kind, shape):
-    spec = load_spec(TRACES[kind])
+    spec = load_spec(TRACE_MODELS[kind])
     for w in iter_batches(traces[kind], GLOBAL_BATCH):
         batch = cost_batch(w, spec)
         ours = work(batch, assign("entrain", batch, *shape))

@@ -19,6 +19,22 @@ def _qwen2_7b_llm() -> TransformerSpec:
     )
 
 
+def _qwen_vision(*, gated: bool, intermediate: int) -> VisionSpec:
+    """Qwen2-VL-style ViT (32 x 1280) with native dynamic resolution: 14 px patches, 2x2
+    merge, two frames per temporal patch. max_pixels is the 1280*28*28 of the model card's
+    memory-bounded example, not the processor default of 16384*28*28."""
+    return VisionSpec(
+        encoder=_qwen2_vl_vit(gated=gated, intermediate=intermediate),
+        patch_size=14,
+        resize="dynamic",
+        min_pixels=56 * 56,
+        max_pixels=28 * 28 * 1280,
+        merge_size=2,
+        temporal_patch_size=2,
+        projector_hidden=5120,
+    )
+
+
 def _qwen2_vl_vit(*, gated: bool, intermediate: int) -> TransformerSpec:
     return TransformerSpec(
         hidden_size=1280,
@@ -65,17 +81,8 @@ def llava_1_5_7b() -> ModelSpec:
 
 
 def qwen2_vl_7b() -> ModelSpec:
-    """Qwen2-VL-7B: native dynamic resolution (14 px patches, 2x2 merge, 3136..12845056 px)."""
-    vision = VisionSpec(
-        encoder=_qwen2_vl_vit(gated=False, intermediate=5120),
-        patch_size=14,
-        resize="dynamic",
-        min_pixels=56 * 56,
-        max_pixels=28 * 28 * 1280,
-        merge_size=2,
-        temporal_patch_size=2,
-        projector_hidden=5120,
-    )
+    """Qwen2-VL-7B: native dynamic resolution (14 px patches, 2x2 merge, 3136..1003520 px)."""
+    vision = _qwen_vision(gated=False, intermediate=5120)
     return ModelSpec(name="qwen2-vl-7b", llm=_qwen2_7b_llm(), encoders=(vision,))
 
 
@@ -83,16 +90,7 @@ def omni_7b() -> ModelSpec:
     """An omni model in the shape of Qwen2.5-Omni-7B: a dynamic-resolution ViT, a
     Whisper-large-v3 audio encoder (32 layers, 1280 wide) over actual clip lengths in 30 s
     chunks, pooled 2x to 25 LLM tokens a second, and a Qwen2.5-7B LLM."""
-    vision = VisionSpec(
-        encoder=_qwen2_vl_vit(gated=True, intermediate=3420),
-        patch_size=14,
-        resize="dynamic",
-        min_pixels=56 * 56,
-        max_pixels=28 * 28 * 1280,
-        merge_size=2,
-        temporal_patch_size=2,
-        projector_hidden=5120,
-    )
+    vision = _qwen_vision(gated=True, intermediate=3420)
     whisper = TransformerSpec(
         hidden_size=1280,
         num_hidden_layers=32,
@@ -113,9 +111,8 @@ def omni_7b() -> ModelSpec:
     return ModelSpec(name="omni-7b", llm=_qwen2_7b_llm(), encoders=(vision, audio))
 
 
-def tiny() -> ModelSpec:
-    """Small enough to train on a laptop CPU: images capped at 256 patches, 10 s audio chunks."""
-    vit = TransformerSpec(
+def _tiny_encoder() -> TransformerSpec:
+    return TransformerSpec(
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -123,6 +120,11 @@ def tiny() -> ModelSpec:
         gated_mlp=False,
         causal=False,
     )
+
+
+def tiny() -> ModelSpec:
+    """Small enough to train on a laptop CPU: images capped at 256 patches, 10 s audio chunks."""
+    vit = _tiny_encoder()
     vision = VisionSpec(
         encoder=vit,
         patch_size=14,
@@ -135,14 +137,7 @@ def tiny() -> ModelSpec:
         temporal_patch_size=2,
         projector_hidden=128,
     )
-    aud = TransformerSpec(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        gated_mlp=False,
-        causal=False,
-    )
+    aud = _tiny_encoder()
     audio = AudioSpec(
         encoder=aud,
         n_mels=32,

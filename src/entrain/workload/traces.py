@@ -130,6 +130,16 @@ GENERATORS: dict[str, Callable[[np.random.Generator, int], dict]] = {
 }
 
 
+# The model preset each trace is meant to be analyzed with (benchmarks, tests, the README).
+TRACE_MODELS: dict[str, str] = {
+    "llava-pretrain": "llava-1.5-7b",
+    "llava-instruct": "llava-1.5-7b",
+    "interleaved": "qwen2-vl-7b",
+    "omni": "omni-7b",
+    "video": "qwen2-vl-7b",
+}
+
+
 def generate(kind: str, n: int, seed: int = 0, chunk_size: int = 100_000) -> Iterator[Workload]:
     """Chunks of a synthetic trace; the same (kind, n, seed) always gives the same samples."""
     if kind not in GENERATORS:
