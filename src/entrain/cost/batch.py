@@ -20,7 +20,13 @@ class UnitTable:
     item: np.ndarray  # (U,) int64, owning item (numbered per encoder within the batch)
     tokens: np.ndarray  # (U,) int64, encoder positions
     llm_tokens: np.ndarray  # (U,) int64, tokens the unit adds to its sample's LLM sequence
-    cost: np.ndarray  # (U,) float64
+    fwd: np.ndarray  # (U,) float64, forward cost
+    bwd: np.ndarray  # (U,) float64, backward cost (0 for a frozen encoder)
+
+    @property
+    def cost(self) -> np.ndarray:
+        """Forward + backward: the unit's work when balancing."""
+        return self.fwd + self.bwd
 
     def __len__(self) -> int:
         return int(self.sample.shape[0])
@@ -37,8 +43,14 @@ class CostedBatch:
     n_samples: int
     text_tokens: np.ndarray  # (N,) int64
     llm_tokens: np.ndarray  # (N,) int64, text + projected modality tokens
-    llm_cost: np.ndarray  # (N,) float64
+    llm_fwd: np.ndarray  # (N,) float64, forward cost of the sample on the LLM side
+    llm_bwd: np.ndarray  # (N,) float64
     units: dict[str, UnitTable]  # encoder name -> its units
+
+    @property
+    def llm_cost(self) -> np.ndarray:
+        """Forward + backward LLM-side work of each sample."""
+        return self.llm_fwd + self.llm_bwd
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -76,10 +88,10 @@ def _encoder_units(enc, workload: Workload) -> UnitTable:
         item_base += len(t)
     if not parts:
         z = np.zeros(0, np.int64)
-        return UnitTable(z, z, z, z, np.zeros(0))
+        return UnitTable(z, z, z, z, np.zeros(0), np.zeros(0))
     sample, item, tok, llm = (np.concatenate(c) for c in zip(*parts))
     order = np.argsort(sample, kind="stable")
-    return UnitTable(sample[order], item[order], tok[order], llm[order], np.zeros(0))
+    return UnitTable(sample[order], item[order], tok[order], llm[order], np.zeros(0), np.zeros(0))
 
 
 def cost_batch(workload: Workload, spec: ModelSpec, model: CostModel | None = None) -> CostedBatch:
@@ -95,15 +107,25 @@ def cost_batch(workload: Workload, spec: ModelSpec, model: CostModel | None = No
     n = len(workload)
     units: dict[str, UnitTable] = {}
     llm_tokens = workload.text_tokens.astype(np.int64).copy()
+    proj_fwd, proj_bwd = np.zeros(n), np.zeros(n)
     for enc in spec.encoders:
         u = _encoder_units(enc, workload)
-        u = UnitTable(u.sample, u.item, u.tokens, u.llm_tokens, model[enc.name](u.tokens))
+        c = model[enc.name]
+        u = UnitTable(
+            u.sample, u.item, u.tokens, u.llm_tokens, c.forward(u.tokens), c.backward(u.tokens)
+        )
         units[enc.name] = u
         llm_tokens += np.bincount(u.sample, weights=u.llm_tokens, minlength=n).astype(np.int64)
+        if enc.name in model.llm_projectors:  # a frozen encoder's projector runs with the LLM
+            p = model.llm_projectors[enc.name]
+            proj_fwd += np.bincount(u.sample, weights=p.forward(u.tokens), minlength=n)
+            proj_bwd += np.bincount(u.sample, weights=p.backward(u.tokens), minlength=n)
+    llm = model["llm"]
     return CostedBatch(
         n_samples=n,
         text_tokens=workload.text_tokens.astype(np.int64),
         llm_tokens=llm_tokens,
-        llm_cost=model["llm"](llm_tokens),
+        llm_fwd=llm.forward(llm_tokens) + proj_fwd,
+        llm_bwd=llm.backward(llm_tokens) + proj_bwd,
         units=units,
     )
