@@ -145,3 +145,25 @@ def analytic_cost_model(spec: ModelSpec) -> CostModel:
         e.name: projector_cost(e, spec.llm.hidden_size) for e in spec.encoders if e.frozen
     }
     return CostModel(modules=modules, llm_projectors=projectors, unit="flop")
+
+
+def transformer_params(t: TransformerSpec) -> float:
+    """Parameters of a stack (embedding and LM head untied when there is a vocabulary)."""
+    h, kv = t.hidden_size, t.num_key_value_heads * t.head_dim
+    per_layer = 2 * h * h + 2 * h * kv + (3 if t.gated_mlp else 2) * h * t.intermediate_size
+    return t.num_hidden_layers * per_layer + 2 * t.vocab_size * h
+
+
+def module_params(spec: ModelSpec) -> dict[str, float]:
+    """Parameters per module as placed by the cost model (a trained encoder's projector with
+    the encoder, a frozen encoder's with the LLM)."""
+    out = {}
+    llm = transformer_params(spec.llm)
+    for e in spec.encoders:
+        h = e.encoder.hidden_size
+        group = e.merge_size**2 if isinstance(e, VisionSpec) else e.downsample
+        proj = h * group * e.projector_hidden + e.projector_hidden * spec.llm.hidden_size
+        out[e.name] = transformer_params(e.encoder) + (0 if e.frozen else proj)
+        llm += proj if e.frozen else 0
+    out["llm"] = llm
+    return out

@@ -39,6 +39,10 @@ class EntrainConfig:
 
     proportional: bool = True
     """Size each encoder bin to the LLM work of its microbatch (False: equal bins)."""
+    margin: float = 1.0
+    """Slack (in mean microbatches of encoder work, pooled over replicas) the microbatch order
+    aims to keep ahead of each encoder's deadlines: enough for units to fit, no more, so
+    units are not pulled from far ahead."""
     fine: float = 0.01
     """Units smaller than this fraction of a bin are placed by a cut instead of by LPT."""
     repair_steps: int | None = None
@@ -58,17 +62,20 @@ def _deal_to_replicas(bin_load: np.ndarray, dp: int) -> np.ndarray:
 
 
 def _order_slots(
-    bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, dp: int, M: int
+    bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, dp: int, M: int, margin: float
 ) -> np.ndarray:
     """Microbatch index of each bin within its replica.
 
     An encoder's units must be encoded by their sample's microbatch, so the encoder work due
     by microbatch k (the demand) must fit in what microbatches 0..k can hold (the capacity,
-    the encoder's share of their LLM work). For one encoder, running the bins in ascending
-    order of demand minus capacity makes every prefix as slack as possible. With several
-    encoders, bins are chosen greedily, microbatch by microbatch and replica by replica (the
-    encoders are pooled across replicas), to keep the worst encoder's running overdraft
-    smallest. `demand` is (encoders, bins).
+    the encoder's share of their LLM work): the running overdraft, demand minus capacity,
+    must stay <= 0. But slack is not free either: slack in early microbatches is filled by
+    pulling units from far ahead, whose embeddings then wait (memory) and whose encoder
+    backward waits for the LLM's (a tail at the end of the iteration). So bins are chosen
+    greedily, microbatch by microbatch and replica by replica (encoders are pooled across
+    replicas), to keep every encoder's running overdraft inside [-margin, 0], in bins of
+    mean work; a swap search then repairs what the greedy left for the end.
+    `demand` is (encoders, bins).
     """
     B = bin_rep.shape[0]
     slot = np.zeros(B, dtype=np.int64)
@@ -80,60 +87,61 @@ def _order_slots(
     llm_share = llm_load / llm_load.sum() if llm_load.sum() > 0 else np.full(B, 1.0 / B)
     scale = np.where(total > 0, total / B, 1.0)
     x = (demand - total * llm_share) / scale  # overdraft each bin adds, in bins of mean work
-    if demand.shape[0] == 1:
-        order = np.lexsort((x[0], bin_rep))
-        slot[order] = np.tile(np.arange(M), dp)
-        return slot
     left = [list(np.flatnonzero(bin_rep == r)) for r in range(dp)]
     running = np.zeros(demand.shape[0])
-    table = np.zeros(
-        (dp, M), dtype=np.int64
-    )  # table[r, k]: the bin run as microbatch k of replica r
+    table = np.zeros((dp, M), dtype=np.int64)  # table[r, k]: bin run as microbatch k of r
     for k in range(M):
         for r in range(dp):
             cand = np.asarray(left[r])
-            score = (running[:, None] + x[:, cand]).max(axis=0)
-            i = int(score.argmin())
+            i = int(_band_cost(running[:, None] + x[:, cand], margin).argmin())
             table[r, k] = cand[i]
             running += x[:, cand[i]]
             left[r].pop(i)
-    table = _improve_order(table, x)
+    table = _improve_order(table, x, margin)
     slot[table] = np.arange(M)[None, :]
     return slot
 
 
-def _improve_order(table: np.ndarray, x: np.ndarray, max_swaps: int | None = None) -> np.ndarray:
-    """Swap two microbatches of one replica while that lowers the worst encoder's largest
-    running overdraft (ties: the total overdraft). The greedy order is myopic: it can leave
-    the bins it avoided early for the end, where they overdraw one encoder."""
+def _band_cost(prefix: np.ndarray, margin: float) -> np.ndarray:
+    """How far running overdrafts leave [-margin, 0]: over 0 (infeasible, weighted heavily)
+    and under -margin (units pulled from far ahead). Leading axis encoders; reduces it."""
+    over = np.maximum(prefix, 0.0).max(axis=0)
+    slack = np.maximum(-prefix - margin, 0.0).sum(axis=0)
+    return 100.0 * over + slack
+
+
+def _improve_order(
+    table: np.ndarray, x: np.ndarray, margin: float, max_swaps: int | None = None
+) -> np.ndarray:
+    """Swap two microbatches (at most 16 apart) of one replica while that lowers the band
+    cost summed over the running overdrafts (the last is always 0 and left out). One
+    replica per step, round robin, so a step stays cheap for large D and M."""
     D, M = table.shape
-    if M < 2:
+    if M < 3:
         return table
     k1, k2 = np.triu_indices(M, 1)
-    inside = (np.arange(M)[None, :] >= k1[:, None]) & (
-        np.arange(M)[None, :] < k2[:, None]
-    )  # (P, M)
-    for _ in range(max_swaps if max_swaps is not None else D * M):
-        prefix = np.cumsum(x[:, table].sum(axis=1), axis=1)  # (E, M) pooled running overdraft
-        score = _overdraft(prefix)
+    near = k2 - k1 <= 16  # distant swaps rarely help and would make a step O(M^3)
+    k1, k2 = k1[near], k2[near]
+    inside = (np.arange(M)[None, :] >= k1[:, None]) & (np.arange(M)[None, :] < k2[:, None])
+    stale = 0
+    for step in range(max_swaps if max_swaps is not None else 2 * M):
+        r = step % D
+        prefix = np.cumsum(x[:, table].sum(axis=1), axis=1)[:, :-1]  # (E, M-1)
+        score = _band_cost(prefix, margin).sum()
         # swapping slots k1 < k2 of replica r shifts the prefixes k1..k2-1 by x[b2] - x[b1]
-        delta = x[:, table[:, k2]] - x[:, table[:, k1]]  # (E, D, P)
-        moved = prefix[:, None, None, :] + delta[..., None] * inside[None, None]  # (E, D, P, M)
-        new = _overdraft(moved)
-        r, p = np.unravel_index(int(new.argmin()), new.shape)
-        if new[r, p] >= score - 1e-12:
-            break
+        delta = x[:, table[r, k2]] - x[:, table[r, k1]]  # (E, P)
+        moved = prefix[:, None, :] + delta[..., None] * inside[None, :, :-1]  # (E, P, M-1)
+        new = _band_cost(moved, margin).sum(axis=-1)
+        p = int(new.argmin())
+        if new[p] >= score - 1e-12:
+            stale += 1
+            if stale >= D:
+                break
+            continue
+        stale = 0
         a, b = k1[p], k2[p]
         table[r, a], table[r, b] = table[r, b], table[r, a]
     return table
-
-
-def _overdraft(prefix: np.ndarray) -> np.ndarray:
-    """Worst running overdraft over encoders and microbatches but the last (leading axis
-    encoders, last axis microbatches; the full sum is always 0). Negative is slack, and more
-    slack is better: units come in sizes, and a prefix with none to spare overflows."""
-    head = prefix[..., :-1]
-    return head.max(axis=(0, -1)) + 1e-3 * np.maximum(head, 0.0).sum(axis=(0, -1))
 
 
 def _max_work(batch: CostedBatch, module: str, bins: np.ndarray, B: int, units=None) -> float:
@@ -168,7 +176,7 @@ def _try(
     demand = np.array(
         [np.bincount(bins[u.sample], weights=u.cost, minlength=B) for u in batch.units.values()]
     ).reshape(len(batch.units), B)
-    slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M)
+    slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M, cfg.margin)
     s_rep, s_mb = bin_rep[bins], slot_of_bin[bins]
     llm_rm = np.zeros((dp, M))
     llm_rm[bin_rep, slot_of_bin] = llm_load

@@ -1,0 +1,295 @@
+"""The static planner and the dynamic oracle.
+
+The planner sees only macro statistics: the per-module work of whole global batches. It
+enumerates the plans that fit G GPUs and the memory of the hardware, ranks them by a
+closed-form estimate from the mean per-module work, simulates the best few on a sample of
+global batches with the chosen policy, and keeps the one with the best throughput. It never
+re-plans: the micro level (the policy) absorbs what varies from batch to batch.
+
+The dynamic oracle re-plans for every global batch at no switching cost. Comparing the two
+shows how much a static plan gives up (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from entrain.cost.batch import CostedBatch
+from entrain.cost.flops import module_params
+from entrain.cost.hardware import Hardware
+from entrain.models.spec import ModelSpec
+from entrain.plan.memory import plan_memory
+from entrain.schedule import assign
+from entrain.schedule.assignment import Assignment
+from entrain.schedule.parallel import ParallelPlan
+from entrain.sim.simulator import BYTES_PER_VALUE, SimResult, simulate
+
+
+@dataclass(kw_only=True)
+class PlannerConfig:
+    """What the planner searches over."""
+
+    gpus: int
+    """GPUs G the plan must use exactly."""
+    global_batch: int
+    """Samples per iteration."""
+    microbatch_samples: float = 16.0
+    """Samples per microbatch: about 16 is the wide regime, 1-2 the narrow one."""
+    policy: str = "entrain"
+    """Policy the plans are simulated with."""
+    tp_options: tuple[int, ...] = (1, 2, 4, 8)
+    pp_options: tuple[int, ...] = tuple(range(1, 17))
+    """LLM pipeline stages; layers are split as evenly as the count allows (Megatron's
+    uneven split), so any count is a candidate."""
+    shortlist: int = 6
+    """Plans simulated after ranking by the closed-form estimate."""
+    memory_headroom: float = 0.9
+    """Fraction of GPU memory a plan may use."""
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1 or self.global_batch < 1 or self.microbatch_samples <= 0:
+            raise ValueError("gpus, global batch and microbatch size must be positive")
+
+
+@dataclass
+class Evaluated:
+    """A plan with its simulated iteration time on each sampled batch."""
+
+    plan: ParallelPlan
+    estimate: float
+    iter_times: list[float] = field(default_factory=list)
+
+    def throughput(self, samples: list[int]) -> float:
+        return float(sum(samples) / sum(self.iter_times))
+
+
+@dataclass
+class PlanResult:
+    static: Evaluated
+    oracle_times: list[float]
+    oracle_plans: list[ParallelPlan]
+    samples: list[int]
+    simulated: list[Evaluated]
+    feasible: int
+
+    @property
+    def static_throughput(self) -> float:
+        return self.static.throughput(self.samples)
+
+    @property
+    def oracle_throughput(self) -> float:
+        return float(sum(self.samples) / sum(self.oracle_times))
+
+    @property
+    def static_over_oracle(self) -> float:
+        return self.static_throughput / self.oracle_throughput
+
+    def to_dict(self) -> dict:
+        per_batch = [
+            {
+                "samples": n,
+                "static_iter_time": s,
+                "oracle_iter_time": o,
+                "oracle_plan": p.describe(),
+            }
+            for n, s, o, p in zip(
+                self.samples, self.static.iter_times, self.oracle_times, self.oracle_plans
+            )
+        ]
+        return {
+            "plan": self.static.plan.to_dict(),
+            "plan_description": self.static.plan.describe(),
+            "throughput": {"samples_per_s": self.static_throughput},
+            "oracle_throughput": {"samples_per_s": self.oracle_throughput},
+            "static_over_oracle": self.static_over_oracle,
+            "feasible_plans": self.feasible,
+            "simulated_plans": [
+                {"plan": e.plan.describe(), "throughput": e.throughput(self.samples)}
+                for e in self.simulated
+            ],
+            "per_batch": per_batch,
+        }
+
+
+def _group_sizes(limit: int) -> list[int]:
+    """GPU counts an encoder group may get: every count up to 8, then coarser steps."""
+    sizes = list(range(1, 9)) + list(range(12, 33, 4)) + list(range(40, 257, 8))
+    return [g for g in sizes if g <= limit]
+
+
+def _encoder_groups(rest: int, n: int, tps: tuple[int, ...]) -> list[tuple[tuple[int, int], ...]]:
+    """(tp, copies) for each of n encoders using exactly `rest` GPUs together."""
+    if n == 0:
+        return [()] if rest == 0 else []
+    out = []
+    for sizes in itertools.product(_group_sizes(rest), repeat=n - 1):
+        last = rest - sum(sizes)
+        if last < 1 or (last not in _group_sizes(rest)):
+            continue
+        options = [[(tp, g // tp) for tp in tps if g % tp == 0] for g in (*sizes, last)]
+        out.extend(itertools.product(*options))
+    return out
+
+
+def enumerate_plans(spec: ModelSpec, cfg: PlannerConfig, gpus_per_node: int) -> list[ParallelPlan]:
+    """Every plan that uses exactly G GPUs with TP groups inside a node. Encoders take any
+    number of GPUs (as copies of a TP group, see ParallelPlan.encoder_dp)."""
+    encoders = [e.name for e in spec.encoders]
+    tps = tuple(t for t in cfg.tp_options if t <= gpus_per_node)
+    enc_tps = tuple(t for t in tps if t <= 2)  # encoders are small: TP only when memory needs it
+    out = []
+    for dp in range(1, cfg.gpus + 1):
+        if cfg.gpus % dp or dp > cfg.global_batch:
+            continue
+        per_replica = cfg.gpus // dp
+        m = max(1, round(cfg.global_batch / dp / cfg.microbatch_samples))
+        for tp, pp in itertools.product(tps, cfg.pp_options):
+            if pp > spec.llm.num_hidden_layers or tp * pp >= per_replica + (0 if encoders else 1):
+                continue
+            for groups in _encoder_groups(per_replica - tp * pp, len(encoders), enc_tps):
+                out.append(
+                    ParallelPlan(
+                        dp=dp,
+                        llm_pp=pp,
+                        llm_tp=tp,
+                        microbatches=m,
+                        encoder_tp={e: g[0] for e, g in zip(encoders, groups)},
+                        encoder_dp={e: g[1] for e, g in zip(encoders, groups) if g[1] > 1},
+                    )
+                )
+    return out
+
+
+def _module_totals(batch: CostedBatch) -> dict[str, float]:
+    out = {e: float(u.cost.sum()) for e, u in batch.units.items()}
+    out["llm"] = float(batch.llm_cost.sum())
+    return out
+
+
+def estimate_time(
+    spec: ModelSpec,
+    plan: ParallelPlan,
+    work: dict[str, float],
+    hw: Hardware,
+    seconds: Callable[[float, int], float],
+) -> float:
+    """Closed-form iteration time from mean per-module work: the slowest module group sets
+    the pace of a (M + stages)-long pipeline, then gradients are all-reduced."""
+    D, M, P = plan.dp, plan.microbatches, plan.llm_pp
+    per = {"llm": seconds(work["llm"] / D, plan.llm_tp) / P}
+    for e, tp in plan.encoder_tp.items():
+        per[e] = seconds(work[e] / D / plan.encoder_dp.get(e, 1), tp)
+    stages = P + (1 if plan.encoder_tp else 0)
+    t = max(per.values()) * (M + stages - 1) / M
+    if D > 1:
+        params = module_params(spec)
+        link = hw.link(plan.world_size <= hw.gpus_per_node)
+        t += 2 * (D - 1) / D * params["llm"] / (P * plan.llm_tp) * BYTES_PER_VALUE / link
+    return t
+
+
+class Planner:
+    """Plans, simulates and caches assignments; one instance per (model, batches, hardware)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        batches: list[CostedBatch],
+        hw: Hardware,
+        cfg: PlannerConfig,
+        cost_unit: str = "flop",
+    ):
+        if not batches:
+            raise ValueError("the planner needs at least one global batch")
+        self.spec, self.batches, self.hw, self.cfg, self.cost_unit = (
+            spec,
+            batches,
+            hw,
+            cfg,
+            cost_unit,
+        )
+        self._assignments: dict[tuple[int, int, int, str], Assignment] = {}
+
+    def seconds(self, work: float, tp: int) -> float:
+        return work / self.hw.flops(tp) if self.cost_unit == "flop" else work / self.hw.speedup(tp)
+
+    def assignment(self, i: int, dp: int, m: int, policy: str) -> Assignment:
+        key = (i, dp, m, policy)
+        if key not in self._assignments:
+            self._assignments[key] = assign(policy, self.batches[i], dp, m)
+        return self._assignments[key]
+
+    def simulate(
+        self, i: int, plan: ParallelPlan, policy: str, record_events: bool = False
+    ) -> SimResult:
+        asg = self.assignment(i, plan.dp, plan.microbatches, policy)
+        return simulate(
+            self.batches[i], asg, self.spec, plan, self.hw, self.cost_unit, record_events
+        )
+
+    def feasible(self, plans: list[ParallelPlan]) -> list[ParallelPlan]:
+        """Plans whose every GPU fits in memory on the largest sampled batch."""
+        out = []
+        worst = max(self.batches, key=lambda b: float(b.llm_tokens.sum()))
+        for plan in plans:
+            B = plan.dp * plan.microbatches
+            per_mb = {
+                "llm": float(
+                    np.sort(worst.llm_tokens)[::-1][: max(1, -(-worst.n_samples // B))].sum()
+                )
+            }
+            for e, u in worst.units.items():
+                per_mb[e] = float(np.sort(u.tokens)[::-1][: max(1, -(-len(u) // B))].sum())
+            mem = plan_memory(self.spec, plan, per_mb)
+            if max(mem.values()) <= self.hw.memory_bytes * self.cfg.memory_headroom:
+                out.append(plan)
+        return out
+
+    def plan(self, on_progress: Callable[[int], None] | None = None) -> PlanResult:
+        cfg = self.cfg
+        plans = self.feasible(enumerate_plans(self.spec, cfg, self.hw.gpus_per_node))
+        if not plans:
+            raise ValueError(
+                f"no plan for {cfg.gpus} GPUs fits {self.hw.name} memory "
+                f"({self.hw.memory_bytes / 1e9:.0f} GB); try more GPUs or a smaller global batch"
+            )
+        mean_work = {
+            m: float(np.mean([_module_totals(b)[m] for b in self.batches]))
+            for m in self.spec.modules
+        }
+        scored = sorted(
+            plans, key=lambda p: estimate_time(self.spec, p, mean_work, self.hw, self.seconds)
+        )
+        # the oracle may prefer, for one batch, a plan the mean ranks lower: shortlist per batch too
+        chosen = {p.describe(): p for p in scored[: cfg.shortlist]}
+        for b in self.batches:
+            work = _module_totals(b)
+            for p in sorted(
+                plans, key=lambda p: estimate_time(self.spec, p, work, self.hw, self.seconds)
+            )[:2]:
+                chosen.setdefault(p.describe(), p)
+        evaluated = []
+        for plan in chosen.values():
+            ev = Evaluated(
+                plan=plan, estimate=estimate_time(self.spec, plan, mean_work, self.hw, self.seconds)
+            )
+            for i in range(len(self.batches)):
+                ev.iter_times.append(self.simulate(i, plan, cfg.policy).iter_time)
+                if on_progress:
+                    on_progress(1)
+            evaluated.append(ev)
+        samples = [b.n_samples for b in self.batches]
+        static = max(evaluated[: cfg.shortlist] or evaluated, key=lambda e: e.throughput(samples))
+        best = [min(evaluated, key=lambda e: e.iter_times[i]) for i in range(len(self.batches))]
+        return PlanResult(
+            static=static,
+            oracle_times=[e.iter_times[i] for i, e in enumerate(best)],
+            oracle_plans=[e.plan for e in best],
+            samples=samples,
+            simulated=evaluated,
+            feasible=len(plans),
+        )

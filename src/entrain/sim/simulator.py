@@ -1,0 +1,259 @@
+"""A discrete-event simulator of one training iteration under modality + pipeline + data
+parallelism.
+
+Devices are tensor-parallel groups: one per encoder and one per LLM pipeline stage, in every
+replica. Each device replays its action list (schedule/pipeline.py); an action starts when
+the device is free and every input has arrived:
+- LLM stage 0 forward of microbatch (r, k) needs the embeddings of all its samples, from
+  whichever encoder microbatch (on whichever replica) produced them, plus their transfer;
+- LLM stage s > 0 forward needs stage s-1's forward and the activation transfer;
+- a backward needs the next stage's backward and the gradient transfer; an encoder's
+  backward needs the gradients of every LLM microbatch that used its units.
+Deferral is therefore waiting, not magic. After the last backward of a module, its gradients
+are all-reduced across replicas (ring). The whole iteration is a longest path in a DAG,
+computed in one topological pass.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from entrain.cost.batch import CostedBatch
+from entrain.cost.flops import module_params
+from entrain.cost.hardware import Hardware
+from entrain.models.spec import ModelSpec
+from entrain.schedule.assignment import Assignment
+from entrain.schedule.metrics import deferred_tokens
+from entrain.schedule.parallel import ParallelPlan
+from entrain.schedule.pipeline import encoder_actions, one_f_one_b
+
+BYTES_PER_VALUE = 2  # bf16 activations, embeddings and gradients
+
+
+@dataclass
+class SimResult:
+    """One simulated iteration."""
+
+    iter_time: float
+    """Seconds from the first action to the end of the last gradient all-reduce."""
+    busy: dict[str, float]
+    """Busy seconds of each device ("vision/r0", "llm.s1/r3", ...)."""
+    bubble_fraction: float
+    """Share of GPU-seconds of the iteration spent idle."""
+    peak_deferred_tokens: float
+    """Most embedding tokens waiting for a later LLM microbatch at once, on one replica."""
+    samples: int
+    tokens: int
+    events: list[tuple[str, str, float, float]] = field(default_factory=list)
+    """(device, action, start, end) of every action, when recorded."""
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.iter_time if self.iter_time > 0 else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.iter_time if self.iter_time > 0 else 0.0
+
+
+class _Graph:
+    """Actions as nodes of a DAG: duration, device, and weighted edges (transfer latency)."""
+
+    def __init__(self) -> None:
+        self.dur: list[float] = []
+        self.device: list[int] = []
+        self.label: list[str] = []
+        self.succ: list[list[tuple[int, float]]] = []
+        self.indeg: list[int] = []
+
+    def node(self, device: int, dur: float, label: str) -> int:
+        self.dur.append(dur)
+        self.device.append(device)
+        self.label.append(label)
+        self.succ.append([])
+        self.indeg.append(0)
+        return len(self.dur) - 1
+
+    def edge(self, a: int, b: int, lat: float = 0.0) -> None:
+        self.succ[a].append((b, lat))
+        self.indeg[b] += 1
+
+    def longest_path(self) -> tuple[np.ndarray, np.ndarray]:
+        """Start and finish time of every node (Kahn's algorithm)."""
+        n = len(self.dur)
+        ready = [0.0] * n
+        start = [0.0] * n
+        finish = [0.0] * n
+        indeg = list(self.indeg)
+        queue = deque(i for i in range(n) if indeg[i] == 0)
+        done = 0
+        while queue:
+            i = queue.popleft()
+            start[i] = ready[i]
+            finish[i] = ready[i] + self.dur[i]
+            done += 1
+            for j, lat in self.succ[i]:
+                t = finish[i] + lat
+                if t > ready[j]:
+                    ready[j] = t
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    queue.append(j)
+        if done != n:
+            stuck = sorted({self.device[i] for i in range(n) if indeg[i] > 0})
+            raise RuntimeError(f"schedule deadlock: devices {stuck[:8]} wait on each other")
+        return np.asarray(start), np.asarray(finish)
+
+
+def _seconds(work: np.ndarray, unit: str, hw: Hardware, tp: int) -> np.ndarray:
+    """Seconds of `work` on a TP group: FLOPs over achieved FLOP/s, or measured seconds
+    (taken on one GPU) over the TP speed-up."""
+    if unit == "flop":
+        return work / hw.flops(tp)
+    return work / hw.speedup(tp)
+
+
+def _bin_sum(bins: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(bins, weights=weights, minlength=n)
+
+
+def _split(bins: np.ndarray, work: np.ndarray, n: int, copies: int) -> np.ndarray:
+    """Work of the slowest of `copies` encoder copies sharing each bin's units: the even
+    share, but never less than the largest unit (a unit is not split)."""
+    total = _bin_sum(bins, work, n) / copies
+    if copies == 1:
+        return total
+    largest = np.zeros(n)
+    np.maximum.at(largest, bins, work)
+    return np.maximum(total, largest)
+
+
+def simulate(
+    batch: CostedBatch,
+    asg: Assignment,
+    spec: ModelSpec,
+    plan: ParallelPlan,
+    hw: Hardware,
+    cost_unit: str = "flop",
+    record_events: bool = False,
+) -> SimResult:
+    """Simulate one iteration of `asg` under `plan` on `hw`."""
+    D, M, P = asg.dp, asg.microbatches, plan.llm_pp
+    if (plan.dp, plan.microbatches) != (D, M):
+        raise ValueError(
+            f"assignment is D={D}, M={M} but the plan is D={plan.dp}, M={plan.microbatches}"
+        )
+    plan.check_modules(tuple(batch.units))
+    B = D * M
+    same_node = plan.gpus_per_replica <= hw.gpus_per_node
+    link = hw.link(same_node)
+    g = _Graph()
+    names: list[str] = []
+    gpus: list[int] = []
+
+    def device(name: str, n_gpus: int) -> int:
+        names.append(name)
+        gpus.append(n_gpus)
+        return len(names) - 1
+
+    # ---- LLM stages: 1F1B per replica
+    llm_bin = asg.llm_bin()
+    tok_bin = _bin_sum(llm_bin, batch.llm_tokens.astype(np.float64), B)
+    f_llm = _seconds(_bin_sum(llm_bin, batch.llm_fwd, B) / P, cost_unit, hw, plan.llm_tp)
+    b_llm = _seconds(_bin_sum(llm_bin, batch.llm_bwd, B) / P, cost_unit, hw, plan.llm_tp)
+    act_lat = tok_bin * spec.llm.hidden_size * BYTES_PER_VALUE / plan.llm_tp / link + hw.latency
+    F = np.zeros((P, B), dtype=np.int64)  # node id of forward of stage s, bin j
+    Bk = np.zeros((P, B), dtype=np.int64)
+    for r in range(D):
+        for s in range(P):
+            dev = device(f"llm.s{s}/r{r}", plan.llm_tp)
+            prev = None
+            for kind, k in one_f_one_b(P, s, M):
+                j = r * M + k
+                dur = f_llm[j] if kind == "F" else b_llm[j]
+                node = g.node(dev, float(dur), f"{kind}{k}")
+                (F if kind == "F" else Bk)[s, j] = node
+                if prev is not None:
+                    g.edge(prev, node)
+                prev = node
+    for j in range(B):
+        for s in range(1, P):
+            g.edge(int(F[s - 1, j]), int(F[s, j]), float(act_lat[j]))
+            g.edge(int(Bk[s, j]), int(Bk[s - 1, j]), float(act_lat[j]))
+        g.edge(int(F[P - 1, j]), int(Bk[P - 1, j]))
+
+    # ---- encoders: decoupled microbatches feeding LLM stage 0 of any replica
+    finish_groups: dict[str, list[int]] = {"llm": [int(x) for x in Bk[0]]}
+    for enc in spec.encoders:
+        u = batch.units[enc.name]
+        tp, copies = plan.encoder_tp[enc.name], plan.encoder_dp.get(enc.name, 1)
+        ebin = asg.unit_bin(enc.name)
+        f_enc = _seconds(_split(ebin, u.fwd, B, copies), cost_unit, hw, tp)
+        b_enc = _seconds(_split(ebin, u.bwd, B, copies), cost_unit, hw, tp)
+        trains = bool(u.bwd.sum() > 0) or not enc.frozen
+        # LLM microbatch of each unit's sample; the last one each encoder bin feeds
+        ubin = llm_bin[u.sample]
+        need = np.full(B, -1, dtype=np.int64)
+        np.maximum.at(need, ebin, asg.sample_mb[u.sample])
+        eF = np.zeros(B, dtype=np.int64)
+        eB = np.full(B, -1, dtype=np.int64)
+        for r in range(D):
+            dev = device(f"{enc.name}/r{r}", tp * copies)
+            prev = None
+            for kind, k in encoder_actions(need[r * M : (r + 1) * M], P, trains):
+                j = r * M + k
+                node = g.node(dev, float(f_enc[j] if kind == "F" else b_enc[j]), f"{kind}{k}")
+                (eF if kind == "F" else eB)[j] = node
+                if prev is not None:
+                    g.edge(prev, node)
+                prev = node
+        # one edge per (encoder bin, LLM bin) pair, weighted by the embedding bytes it carries
+        pair, inv = np.unique(ebin * B + ubin, return_inverse=True)
+        tokens = np.bincount(inv, weights=u.llm_tokens.astype(np.float64))
+        lat = tokens * spec.llm.hidden_size * BYTES_PER_VALUE / link + hw.latency
+        src, dst = np.divmod(pair, B)
+        for a, b, t in zip(src.tolist(), dst.tolist(), lat.tolist()):
+            g.edge(int(eF[a]), int(F[0, b]), t)
+            if trains:
+                g.edge(int(Bk[0, b]), int(eB[a]), t)
+        finish_groups[enc.name] = [int(x) for x in (eB if trains else eF)]
+
+    start, finish = g.longest_path()
+    # ---- gradient all-reduce per module group, after its last backward on every replica
+    params = module_params(spec)
+    shards = {"llm": plan.llm_tp * P, **plan.encoder_tp}
+    replicas = {"llm": D, **{e: D * plan.encoder_dp.get(e, 1) for e in plan.encoder_tp}}
+    trains_mod = {"llm": True, **{e.name: not e.frozen for e in spec.encoders}}
+    dp_link = hw.link(plan.world_size <= hw.gpus_per_node)
+    end = float(finish.max(initial=0.0))
+    for m, nodes in finish_groups.items():
+        done = float(finish[nodes].max(initial=0.0))
+        n_rep = replicas[m]
+        if trains_mod.get(m, True) and n_rep > 1:
+            grad_bytes = params[m] / shards[m] * BYTES_PER_VALUE
+            done += 2 * (n_rep - 1) / n_rep * grad_bytes / dp_link
+        end = max(end, done)
+    dur = np.asarray(g.dur)
+    dev_of = np.asarray(g.device)
+    busy_arr = np.bincount(dev_of, weights=dur, minlength=len(names))
+    gpu_seconds = float(np.dot(busy_arr, gpus))
+    total = end * plan.world_size
+    events = []
+    if record_events:
+        events = [
+            (names[d], lab, float(s), float(f))
+            for d, lab, s, f in zip(g.device, g.label, start, finish)
+            if f > s
+        ]
+    return SimResult(
+        iter_time=end,
+        busy=dict(zip(names, busy_arr.tolist())),
+        bubble_fraction=1.0 - gpu_seconds / total if total > 0 else 0.0,
+        peak_deferred_tokens=float(deferred_tokens(batch, asg).max(initial=0.0)),
+        samples=batch.n_samples,
+        tokens=int(batch.llm_tokens.sum()),
+        events=events,
+    )
