@@ -63,6 +63,31 @@ class CostedBatch:
         u = self.units[module]
         return np.bincount(u.sample, weights=u.cost, minlength=self.n_samples)
 
+    @staticmethod
+    def concat(batches: list[CostedBatch]) -> CostedBatch:
+        """One pool of the samples of several batches (for statistics over many samples)."""
+        offsets = np.cumsum([0] + [b.n_samples for b in batches[:-1]])
+        units = {}
+        for e in batches[0].units:
+            parts = [b.units[e] for b in batches]
+            item_off = np.cumsum([0] + [p.n_items for p in parts[:-1]])
+            units[e] = UnitTable(
+                np.concatenate([p.sample + o for p, o in zip(parts, offsets)]),
+                np.concatenate([p.item + o for p, o in zip(parts, item_off)]),
+                *(
+                    np.concatenate([getattr(p, f) for p in parts])
+                    for f in ("tokens", "llm_tokens", "fwd", "bwd")
+                ),
+            )
+        return CostedBatch(
+            n_samples=sum(b.n_samples for b in batches),
+            text_tokens=np.concatenate([b.text_tokens for b in batches]),
+            llm_tokens=np.concatenate([b.llm_tokens for b in batches]),
+            llm_fwd=np.concatenate([b.llm_fwd for b in batches]),
+            llm_bwd=np.concatenate([b.llm_bwd for b in batches]),
+            units=units,
+        )
+
     def cost_matrix(self) -> np.ndarray:
         """(N, modules) coupled cost per sample, module order as `modules`."""
         return np.stack([self.module_cost_per_sample(m) for m in self.modules], axis=1)

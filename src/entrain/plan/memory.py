@@ -3,7 +3,10 @@
 Rough on purpose (the planner only needs to rule out plans that cannot fit): BF16 weights
 and gradients, FP32 master weights and Adam moments sharded over data parallelism (ZeRO-1),
 and about 34 bytes of activations per token, layer and hidden unit split over tensor
-parallelism (Korthikanti et al., 2022, with sequence parallelism and flash attention).
+parallelism (Korthikanti et al., 2022, with sequence parallelism and flash attention) for
+the LLM. Encoders are assumed to run with full activation recomputation, as MLLM trainers
+do for ViTs on long videos: each layer keeps only its BF16 input (2 bytes per token and
+hidden unit) and one layer's activations are live during its backward.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from entrain.models.spec import ModelSpec
 from entrain.schedule.parallel import ParallelPlan
 
 ACT_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
+RECOMPUTED_BYTES = 2  # a checkpointed layer input in BF16
 STATE_BYTES = 12  # fp32 master weights + Adam m and v, sharded over DP
 
 
@@ -60,8 +64,11 @@ def plan_memory(
             * t.hidden_size
             / etp
         )
-        if e.frozen:  # forward only: weights, and one microbatch's transient activations
-            out[e.name] = params[e.name] / etp * 2 + per_mb / t.num_hidden_layers * 4
-        else:
-            out[e.name] = _trained_bytes(params[e.name], etp, plan.dp * copies) + (P + 1) * per_mb
+        one_layer = per_mb / t.num_hidden_layers
+        if e.frozen:  # forward only: weights, and one layer's transient activations
+            out[e.name] = params[e.name] / etp * 2 + one_layer
+        else:  # checkpointed inputs of every in-flight microbatch, one layer recomputed
+            kept = per_mb * RECOMPUTED_BYTES / ACT_BYTES_PER_TOKEN_LAYER_HIDDEN
+            trained = _trained_bytes(params[e.name], etp, plan.dp * copies)
+            out[e.name] = trained + (P + 1) * kept + one_layer
     return out

@@ -12,6 +12,7 @@ shows how much a static plan gives up (DESIGN.md section 2).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class PlannerConfig:
     pp_options: tuple[int, ...] = tuple(range(1, 17))
     """LLM pipeline stages; layers are split as evenly as the count allows (Megatron's
     uneven split), so any count is a candidate."""
+    lookaheads: tuple[int | None, ...] = (None, 1, 0)
+    """Deferral depths tried with each shortlisted plan when the policy is entrain."""
     shortlist: int = 6
     """Plans simulated after ranking by the closed-form estimate."""
     memory_headroom: float = 0.9
@@ -176,13 +179,21 @@ def estimate_time(
     work: dict[str, float],
     hw: Hardware,
     seconds: Callable[[float, int], float],
+    units: dict[str, float] | None = None,
 ) -> float:
     """Closed-form iteration time from mean per-module work: the slowest module group sets
-    the pace of a (M + stages)-long pipeline, then gradients are all-reduced."""
+    the pace of a (M + stages)-long pipeline, then gradients are all-reduced. Copies of an
+    encoder only help as far as a microbatch has units to share among them (`units`: units
+    of each encoder in a global batch)."""
     D, M, P = plan.dp, plan.microbatches, plan.llm_pp
     per = {"llm": seconds(work["llm"] / D, plan.llm_tp) / P}
     for e, tp in plan.encoder_tp.items():
-        per[e] = seconds(work[e] / D / plan.encoder_dp.get(e, 1), tp)
+        copies = plan.encoder_dp.get(e, 1)
+        share = work[e] / D / copies
+        if units is not None and copies > 1:
+            # n units on c copies: LPT ends about one unit after the even share
+            share *= 1 + copies / max(units[e] / (D * M), 1.0)
+        per[e] = seconds(share, tp)
     stages = P + (1 if plan.encoder_tp else 0)
     t = max(per.values()) * (M + stages - 1) / M
     if D > 1:
@@ -212,38 +223,46 @@ class Planner:
             cfg,
             cost_unit,
         )
-        self._assignments: dict[tuple[int, int, int, str], Assignment] = {}
+        self._assignments: dict[tuple, Assignment] = {}
+
+    def estimate(self, plan: ParallelPlan, work: dict[str, float]) -> float:
+        units = {
+            e: float(np.mean([len(b.units[e]) for b in self.batches])) for e in plan.encoder_tp
+        }
+        return estimate_time(self.spec, plan, work, self.hw, self.seconds, units)
 
     def seconds(self, work: float, tp: int) -> float:
         return work / self.hw.flops(tp) if self.cost_unit == "flop" else work / self.hw.speedup(tp)
 
-    def assignment(self, i: int, dp: int, m: int, policy: str) -> Assignment:
-        key = (i, dp, m, policy)
+    def assignment(self, i: int, plan: ParallelPlan, policy: str) -> Assignment:
+        ahead = plan.encoder_lookahead if policy == "entrain" else None
+        key = (i, plan.dp, plan.microbatches, policy, ahead)
         if key not in self._assignments:
-            self._assignments[key] = assign(policy, self.batches[i], dp, m)
+            self._assignments[key] = assign(
+                policy, self.batches[i], plan.dp, plan.microbatches, ahead
+            )
         return self._assignments[key]
 
     def simulate(
         self, i: int, plan: ParallelPlan, policy: str, record_events: bool = False
     ) -> SimResult:
-        asg = self.assignment(i, plan.dp, plan.microbatches, policy)
+        asg = self.assignment(i, plan, policy)
         return simulate(
             self.batches[i], asg, self.spec, plan, self.hw, self.cost_unit, record_events
         )
 
     def feasible(self, plans: list[ParallelPlan]) -> list[ParallelPlan]:
-        """Plans whose every GPU fits in memory on the largest sampled batch."""
+        """Plans whose every GPU fits in memory on the heaviest sampled batch, for
+        microbatches as large as a balanced assignment makes them: the mean, or the largest
+        indivisible piece (a sample for the LLM, a unit for an encoder), plus 10%."""
         out = []
         worst = max(self.batches, key=lambda b: float(b.llm_tokens.sum()))
+        tokens = {"llm": worst.llm_tokens, **{e: u.tokens for e, u in worst.units.items()}}
         for plan in plans:
             B = plan.dp * plan.microbatches
             per_mb = {
-                "llm": float(
-                    np.sort(worst.llm_tokens)[::-1][: max(1, -(-worst.n_samples // B))].sum()
-                )
+                m: 1.1 * max(float(t.sum()) / B, float(t.max(initial=0))) for m, t in tokens.items()
             }
-            for e, u in worst.units.items():
-                per_mb[e] = float(np.sort(u.tokens)[::-1][: max(1, -(-len(u) // B))].sum())
             mem = plan_memory(self.spec, plan, per_mb)
             if max(mem.values()) <= self.hw.memory_bytes * self.cfg.memory_headroom:
                 out.append(plan)
@@ -261,29 +280,31 @@ class Planner:
             m: float(np.mean([_module_totals(b)[m] for b in self.batches]))
             for m in self.spec.modules
         }
-        scored = sorted(
-            plans, key=lambda p: estimate_time(self.spec, p, mean_work, self.hw, self.seconds)
-        )
+        scored = sorted(plans, key=lambda p: self.estimate(p, mean_work))
         # the oracle may prefer, for one batch, a plan the mean ranks lower: shortlist per batch too
         chosen = {p.describe(): p for p in scored[: cfg.shortlist]}
         for b in self.batches:
             work = _module_totals(b)
-            for p in sorted(
-                plans, key=lambda p: estimate_time(self.spec, p, work, self.hw, self.seconds)
-            )[:2]:
+            for p in sorted(plans, key=lambda p: self.estimate(p, work))[:2]:
                 chosen.setdefault(p.describe(), p)
+        if cfg.policy == "entrain":
+            # the deferral depth is part of the plan: try unlimited, one and none
+            chosen = {
+                q.describe(): q
+                for p in chosen.values()
+                for q in (dataclasses.replace(p, encoder_lookahead=a) for a in cfg.lookaheads)
+            }
         evaluated = []
         for plan in chosen.values():
-            ev = Evaluated(
-                plan=plan, estimate=estimate_time(self.spec, plan, mean_work, self.hw, self.seconds)
-            )
+            ev = Evaluated(plan=plan, estimate=self.estimate(plan, mean_work))
             for i in range(len(self.batches)):
                 ev.iter_times.append(self.simulate(i, plan, cfg.policy).iter_time)
                 if on_progress:
                     on_progress(1)
             evaluated.append(ev)
         samples = [b.n_samples for b in self.batches]
-        static = max(evaluated[: cfg.shortlist] or evaluated, key=lambda e: e.throughput(samples))
+        n_static = cfg.shortlist * (len(cfg.lookaheads) if cfg.policy == "entrain" else 1)
+        static = max(evaluated[:n_static], key=lambda e: e.throughput(samples))
         best = [min(evaluated, key=lambda e: e.iter_times[i]) for i in range(len(self.batches))]
         return PlanResult(
             static=static,

@@ -43,6 +43,15 @@ class EntrainConfig:
     """Slack (in mean microbatches of encoder work, pooled over replicas) the microbatch order
     aims to keep ahead of each encoder's deadlines: enough for units to fit, no more, so
     units are not pulled from far ahead."""
+    lookahead: int | None = None
+    """How many microbatches before its sample's LLM microbatch a unit may be encoded (None:
+    any, the best balance). Every microbatch of deferral delays that encoder microbatch's
+    backward until the LLM's backward of the later microbatch, and in a 1F1B pipeline with
+    a trained encoder a long wait can stall it; the planner picks this per plan
+    (ParallelPlan.encoder_lookahead) from simulations."""
+    smooth: float = 0.02
+    """Microbatches run in ascending order of LLM work, in steps of this fraction of a mean
+    microbatch; within a step, in the order that suits encoder deadlines."""
     fine: float = 0.01
     """Units smaller than this fraction of a bin are placed by a cut instead of by LPT."""
     repair_steps: int | None = None
@@ -62,7 +71,13 @@ def _deal_to_replicas(bin_load: np.ndarray, dp: int) -> np.ndarray:
 
 
 def _order_slots(
-    bin_rep: np.ndarray, llm_load: np.ndarray, demand: np.ndarray, dp: int, M: int, margin: float
+    bin_rep: np.ndarray,
+    llm_load: np.ndarray,
+    demand: np.ndarray,
+    dp: int,
+    M: int,
+    margin: float,
+    smooth: float,
 ) -> np.ndarray:
     """Microbatch index of each bin within its replica.
 
@@ -81,23 +96,33 @@ def _order_slots(
     slot = np.zeros(B, dtype=np.int64)
     total = demand.sum(axis=1, keepdims=True)
     if demand.shape[0] == 0 or not total.any():
-        order = np.argsort(bin_rep, kind="stable")
+        order = np.lexsort((llm_load, bin_rep))
         slot[order] = np.tile(np.arange(M), dp)
         return slot
     llm_share = llm_load / llm_load.sum() if llm_load.sum() > 0 else np.full(B, 1.0 / B)
     scale = np.where(total > 0, total / B, 1.0)
     x = (demand - total * llm_share) / scale  # overdraft each bin adds, in bins of mean work
+    # Primary order: LLM work ascending, in steps of `smooth` of a mean microbatch. 1F1B
+    # pairs the forward of one microbatch with the backward of an earlier one on every
+    # stage; when neighbours differ in size, each such step waits for its slowest partner.
+    mean = max(float(llm_load.mean()), 1e-300)
+    level = np.floor(llm_load / (smooth * mean)).astype(np.int64)
     left = [list(np.flatnonzero(bin_rep == r)) for r in range(dp)]
     running = np.zeros(demand.shape[0])
     table = np.zeros((dp, M), dtype=np.int64)  # table[r, k]: bin run as microbatch k of r
     for k in range(M):
         for r in range(dp):
             cand = np.asarray(left[r])
-            i = int(_band_cost(running[:, None] + x[:, cand], margin).argmin())
+            same = level[cand] == level[cand].min()  # among the lightest level, mind deadlines
+            i = int(
+                np.flatnonzero(same)[
+                    _band_cost(running[:, None] + x[:, cand[same]], margin).argmin()
+                ]
+            )
             table[r, k] = cand[i]
             running += x[:, cand[i]]
             left[r].pop(i)
-    table = _improve_order(table, x, margin)
+    table = _improve_order(table, x, margin, level)
     slot[table] = np.arange(M)[None, :]
     return slot
 
@@ -111,7 +136,11 @@ def _band_cost(prefix: np.ndarray, margin: float) -> np.ndarray:
 
 
 def _improve_order(
-    table: np.ndarray, x: np.ndarray, margin: float, max_swaps: int | None = None
+    table: np.ndarray,
+    x: np.ndarray,
+    margin: float,
+    level: np.ndarray,
+    max_swaps: int | None = None,
 ) -> np.ndarray:
     """Swap two microbatches (at most 16 apart) of one replica while that lowers the band
     cost summed over the running overdrafts (the last is always 0 and left out). One
@@ -132,6 +161,7 @@ def _improve_order(
         delta = x[:, table[r, k2]] - x[:, table[r, k1]]  # (E, P)
         moved = prefix[:, None, :] + delta[..., None] * inside[None, :, :-1]  # (E, P, M-1)
         new = _band_cost(moved, margin).sum(axis=-1)
+        new[level[table[r, k1]] != level[table[r, k2]]] = np.inf  # keep the LLM order smooth
         p = int(new.argmin())
         if new[p] >= score - 1e-12:
             stale += 1
@@ -176,7 +206,7 @@ def _try(
     demand = np.array(
         [np.bincount(bins[u.sample], weights=u.cost, minlength=B) for u in batch.units.values()]
     ).reshape(len(batch.units), B)
-    slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M, cfg.margin)
+    slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M, cfg.margin, cfg.smooth)
     s_rep, s_mb = bin_rep[bins], slot_of_bin[bins]
     llm_rm = np.zeros((dp, M))
     llm_rm[bin_rep, slot_of_bin] = llm_load
@@ -186,7 +216,9 @@ def _try(
         placed = None
         for prop in (True, False) if cfg.proportional else (False,):
             targets = _targets(float(u.cost.sum()), llm_rm, prop)
-            mb, rep = place_units(u.cost, deadline, targets, cfg.fine, cfg.repair_steps)
+            mb, rep = place_units(
+                u.cost, deadline, targets, cfg.fine, cfg.repair_steps, cfg.lookahead
+            )
             if _max_work(batch, e, rep * M + mb, B, u) <= bound[e]:
                 placed = (rep, mb)
                 break

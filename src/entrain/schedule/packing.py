@@ -175,9 +175,11 @@ def place_units(
     targets: np.ndarray,
     fine: float = 0.01,
     repair_steps: int | None = None,
+    lookahead: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Place encoder units into M microbatches x D replicas, each unit no later than its
-    deadline microbatch, so that each bin's work comes close to its target (M, D).
+    deadline microbatch (and, with `lookahead`, no more than that many microbatches
+    earlier), so that each bin's work comes close to its target (M, D).
 
     1. Time: units in deadline order (largest first within a deadline) fill the microbatches
        front to back up to their total target; a unit never passes its deadline. This is
@@ -198,11 +200,12 @@ def place_units(
     order = _stable_by(deadline, by_cost)  # by deadline, largest first within one
     c, d = cost[order], deadline[order]
     pos = np.cumsum(c) - c / 2
-    slot = np.minimum(_cut(pos, np.cumsum(targets.sum(axis=1))), d)
+    earliest = np.zeros_like(d) if lookahead is None else np.maximum(d - lookahead, 0)
+    slot = np.clip(_cut(pos, np.cumsum(targets.sum(axis=1))), earliest, d)
     rep = _spread_in_slots(c, slot, targets, fine, np.argsort(-c, kind="stable"))
     q = slot * D + rep
     steps = 2 * M * D if repair_steps is None else repair_steps
-    q = _repair(c, d, q, targets.ravel(), D, steps)
+    q = _repair(c, earliest * D, (d + 1) * D, q, targets.ravel(), steps)
     out_q = np.empty(U, dtype=np.int64)
     out_q[order] = q
     return np.divmod(out_q, D)
@@ -259,10 +262,10 @@ def _spread_in_slots(
 
 def _repair(
     c: np.ndarray,
-    d: np.ndarray,
+    low: np.ndarray,
+    limit: np.ndarray,
     q: np.ndarray,
     target: np.ndarray,
-    D: int,
     steps: int,
     swap_bins: int = 4,
     sample: int = 48,
@@ -270,7 +273,8 @@ def _repair(
 ) -> np.ndarray:
     """Lower the largest excess over target by moving or swapping single units.
 
-    A unit may go to any bin q' with q' // D <= its deadline (bins are numbered k*D + r).
+    Unit u may sit in bins [low[u], limit[u]) (bins are numbered k*D + r, so this is a
+    window of microbatches ending at its deadline).
     Swaps are tried with the `swap_bins` bins furthest under target that can take a unit of
     the worst bin: they fix a bin that holds only large units, which no single move can.
     A bin with many units offers a spread `sample` of them (its smallest and largest among
@@ -279,7 +283,6 @@ def _repair(
     """
     B = target.shape[0]
     load = np.bincount(q, weights=c, minlength=B)
-    limit = (d + 1) * D  # a unit may sit in bins [0, limit)
     bins = np.arange(B)
     members_of = _members(q, B)
     stop = good_enough * max(float(target.mean()), 1e-300)
@@ -290,22 +293,22 @@ def _repair(
         if top <= stop or not members_of[hi]:
             break
         members = _spread_sample(members_of[hi], c, sample)
-        cm, lm = c[members], limit[members]
-        allowed = bins[None, :] < lm[:, None]
+        cm, lm, lo_m = c[members], limit[members], low[members]
+        allowed = (bins[None, :] < lm[:, None]) & (bins[None, :] >= lo_m[:, None])
         allowed[:, hi] = False
         new = np.where(
             allowed, np.maximum(top - cm[:, None], excess[None, :] + cm[:, None]), np.inf
         )
         i, j = np.unravel_index(int(new.argmin()), new.shape)
         best, action = new[i, j], (members[i], None, int(j))
-        reachable = np.flatnonzero((bins < lm.max()) & (bins != hi))
+        reachable = np.flatnonzero((bins < lm.max()) & (bins >= lo_m.min()) & (bins != hi))
         for lo in reachable[np.argsort(excess[reachable])[:swap_bins]].tolist():
             others = _spread_sample(members_of[lo], c, sample)
-            others = others[hi < limit[others]]
+            others = others[(hi < limit[others]) & (hi >= low[others])]
             if others.size == 0:
                 continue
             delta = cm[:, None] - c[others][None, :]  # work leaving hi
-            ok = (delta > 0) & (lo < lm[:, None])
+            ok = (delta > 0) & (lo < lm[:, None]) & (lo >= lo_m[:, None])
             sw = np.where(ok, np.maximum(top - delta, excess[lo] + delta), np.inf)
             a, b = np.unravel_index(int(sw.argmin()), sw.shape)
             if sw[a, b] < best:

@@ -29,8 +29,18 @@ class ParallelPlan:
     microbatch's units, so an encoder can get any number of GPUs, not only a TP degree."""
     microbatches: int = 1
     """Microbatches per replica per iteration M."""
+    encoder_lookahead: int | None = None
+    """How many microbatches ahead of the LLM an encoder may encode a unit (Entrain's
+    deferral depth; None: unlimited). A schedule knob, but one that sets activation memory
+    and pipeline stalls, so the planner chooses it with the degrees."""
 
     def __post_init__(self) -> None:
+        if self.encoder_lookahead is not None and (
+            not isinstance(self.encoder_lookahead, int) or self.encoder_lookahead < 0
+        ):
+            raise ValueError(
+                f"plan.encoder_lookahead must be None or >= 0, got {self.encoder_lookahead!r}"
+            )
         for name in ("dp", "llm_pp", "llm_tp", "microbatches"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -58,7 +68,8 @@ class ParallelPlan:
         """Raise unless the plan places exactly these encoders."""
         if set(self.encoder_tp) != set(encoders):
             raise ValueError(
-                f"plan places encoders {sorted(self.encoder_tp)} but the model has {sorted(encoders)}"
+                f"plan places encoders {sorted(self.encoder_tp)} "
+                f"but the model has {sorted(encoders)}"
             )
 
     def ranks(self, module: str, replica: int, stage: int = 0) -> list[int]:
@@ -80,9 +91,10 @@ class ParallelPlan:
             f"{e}:tp{tp}" + (f"x{self.encoder_dp[e]}" if self.encoder_dp.get(e, 1) > 1 else "")
             for e, tp in self.encoder_tp.items()
         )
+        ahead = "" if self.encoder_lookahead is None else f" ahead={self.encoder_lookahead}"
         return (
             f"dp{self.dp} x [{enc} llm:pp{self.llm_pp}xtp{self.llm_tp}] "
-            f"M={self.microbatches} ({self.world_size} GPUs)"
+            f"M={self.microbatches}{ahead} ({self.world_size} GPUs)"
         )
 
     def to_dict(self) -> dict:
@@ -90,10 +102,18 @@ class ParallelPlan:
 
     @staticmethod
     def from_dict(data: dict) -> ParallelPlan:
-        known = {"dp", "llm_pp", "llm_tp", "encoder_tp", "encoder_dp", "microbatches"}
+        known = {
+            "dp",
+            "llm_pp",
+            "llm_tp",
+            "encoder_tp",
+            "encoder_dp",
+            "microbatches",
+            "encoder_lookahead",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"plan: unknown key(s) {unknown}; known: {sorted(known)}")
         return ParallelPlan(
-            **{k: (dict(v) if k.startswith("encoder_") else v) for k, v in data.items()}
+            **{k: (dict(v) if k in ("encoder_tp", "encoder_dp") else v) for k, v in data.items()}
         )

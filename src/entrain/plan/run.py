@@ -1,0 +1,88 @@
+"""What `entrain plan` and `entrain simulate` do, as functions returning plain data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from entrain.analyze import AnalyzeConfig, global_batches
+from entrain.cost.batch import CostedBatch, cost_batch
+from entrain.cost.flops import CostModel, analytic_cost_model
+from entrain.cost.hardware import Hardware
+from entrain.models.spec import ModelSpec
+from entrain.plan.planner import Planner, PlannerConfig, PlanResult
+from entrain.schedule import POLICIES
+from entrain.schedule.parallel import ParallelPlan
+from entrain.sim.simulator import SimResult
+
+
+def load_batches(
+    manifest: str | os.PathLike,
+    spec: ModelSpec,
+    global_batch: int,
+    iterations: int,
+    cost_model: CostModel | None = None,
+    seed: int | None = None,
+) -> list[CostedBatch]:
+    """The first `iterations` full global batches of a manifest, costed (a manifest smaller
+    than one global batch gives that one short batch)."""
+    model = cost_model or analytic_cost_model(spec)
+    cfg = AnalyzeConfig(
+        dp=1, microbatches=1, global_batch=global_batch, iterations=iterations, seed=seed
+    )
+    out = []
+    for w in global_batches(manifest, cfg):
+        if len(w) < global_batch and out:
+            break
+        out.append(cost_batch(w, spec, model))
+    return out
+
+
+def run_plan(
+    spec: ModelSpec,
+    batches: list[CostedBatch],
+    hw: Hardware,
+    cfg: PlannerConfig,
+    cost_unit: str = "flop",
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[Planner, PlanResult]:
+    planner = Planner(spec, batches, hw, cfg, cost_unit)
+    return planner, planner.plan(on_progress)
+
+
+def simulate_policies(
+    planner: Planner, plan: ParallelPlan, policies: tuple[str, ...], trace_policy: str | None = None
+) -> tuple[dict, list]:
+    """Mean iteration time, throughput and bubbles of each policy under one plan, and the
+    events of the first batch under `trace_policy` (for a Chrome trace)."""
+    out: dict[str, dict] = {}
+    events: list = []
+    for p in policies:
+        runs: list[SimResult] = []
+        for i in range(len(planner.batches)):
+            r = planner.simulate(i, plan, p, record_events=(p == trace_policy and i == 0))
+            if r.events:
+                events = r.events
+            runs.append(r)
+        t = sum(r.iter_time for r in runs)
+        out[p] = {
+            "iter_time": t / len(runs),
+            "throughput": {
+                "samples_per_s": sum(r.samples for r in runs) / t,
+                "tokens_per_s": sum(r.tokens for r in runs) / t,
+            },
+            "bubble_fraction": float(np.mean([r.bubble_fraction for r in runs])),
+            "peak_deferred_tokens": float(max(r.peak_deferred_tokens for r in runs)),
+        }
+    for p, m in out.items():
+        m["speedup"] = {
+            b: m["throughput"]["samples_per_s"] / out[b]["throughput"]["samples_per_s"]
+            for b in out
+            if b != p
+        }
+    return out, events
+
+
+DEFAULT_POLICIES = tuple(POLICIES)
