@@ -29,6 +29,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_scheduler.py
+	$(PY) benchmarks/bench_sim.py
+	$(PY) benchmarks/regimes.py
+	$(PY) benchmarks/sim_eval.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         return args.func(args, err)
+    except BrokenPipeError:  # `entrain ... | head`: the reader left, nothing to report
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (silence the flush at exit)
+        return 0
     except (UserError, ManifestError, SpecError, MissingEncoderError, ValueError, OSError) as e:
         if os.environ.get("ENTRAIN_DEBUG"):
             raise

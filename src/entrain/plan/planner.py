@@ -46,8 +46,15 @@ class PlannerConfig:
     pp_options: tuple[int, ...] = tuple(range(1, 17))
     """LLM pipeline stages; layers are split as evenly as the count allows (Megatron's
     uneven split), so any count is a candidate."""
-    lookaheads: tuple[int | None, ...] = (None, 1, 0)
-    """Deferral depths tried with each shortlisted plan when the policy is entrain."""
+    entrain_variants: tuple[tuple[int | None, int | None], ...] = (
+        (None, None),
+        (1, None),
+        (0, None),
+        (1, 1),
+        (0, 1),
+    )
+    """(deferral depth, replicas pooled) tried with each shortlisted plan when the policy is
+    entrain; None is unlimited."""
     shortlist: int = 6
     """Plans simulated after ranking by the closed-form estimate."""
     memory_headroom: float = 0.9
@@ -235,11 +242,11 @@ class Planner:
         return work / self.hw.flops(tp) if self.cost_unit == "flop" else work / self.hw.speedup(tp)
 
     def assignment(self, i: int, plan: ParallelPlan, policy: str) -> Assignment:
-        ahead = plan.encoder_lookahead if policy == "entrain" else None
-        key = (i, plan.dp, plan.microbatches, policy, ahead)
+        knobs = (plan.encoder_lookahead, plan.encoder_pool) if policy == "entrain" else (None, None)
+        key = (i, plan.dp, plan.microbatches, policy, *knobs)
         if key not in self._assignments:
             self._assignments[key] = assign(
-                policy, self.batches[i], plan.dp, plan.microbatches, ahead
+                policy, self.batches[i], plan.dp, plan.microbatches, *knobs
             )
         return self._assignments[key]
 
@@ -270,7 +277,13 @@ class Planner:
 
     def plan(self, on_progress: Callable[[int], None] | None = None) -> PlanResult:
         cfg = self.cfg
-        plans = self.feasible(enumerate_plans(self.spec, cfg, self.hw.gpus_per_node))
+        candidates = enumerate_plans(self.spec, cfg, self.hw.gpus_per_node)
+        if not candidates:
+            raise ValueError(
+                f"no plan uses exactly {cfg.gpus} GPUs: {self.spec.name} needs at least "
+                f"{len(self.spec.encoders) + 1} per replica (one per encoder and the LLM)"
+            )
+        plans = self.feasible(candidates)
         if not plans:
             raise ValueError(
                 f"no plan for {cfg.gpus} GPUs fits {self.hw.name} memory "
@@ -288,11 +301,14 @@ class Planner:
             for p in sorted(plans, key=lambda p: self.estimate(p, work))[:2]:
                 chosen.setdefault(p.describe(), p)
         if cfg.policy == "entrain":
-            # the deferral depth is part of the plan: try unlimited, one and none
+            # deferral depth and pooling are part of the plan: try the configured variants
             chosen = {
                 q.describe(): q
                 for p in chosen.values()
-                for q in (dataclasses.replace(p, encoder_lookahead=a) for a in cfg.lookaheads)
+                for q in (
+                    dataclasses.replace(p, encoder_lookahead=a, encoder_pool=g)
+                    for a, g in cfg.entrain_variants
+                )
             }
         evaluated = []
         for plan in chosen.values():
@@ -303,7 +319,7 @@ class Planner:
                     on_progress(1)
             evaluated.append(ev)
         samples = [b.n_samples for b in self.batches]
-        n_static = cfg.shortlist * (len(cfg.lookaheads) if cfg.policy == "entrain" else 1)
+        n_static = cfg.shortlist * (len(cfg.entrain_variants) if cfg.policy == "entrain" else 1)
         static = max(evaluated[:n_static], key=lambda e: e.throughput(samples))
         best = [min(evaluated, key=lambda e: e.iter_times[i]) for i in range(len(self.batches))]
         return PlanResult(

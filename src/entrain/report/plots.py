@@ -38,7 +38,8 @@ def plan_figure(result: dict, ratios: dict[int, dict[str, float]], path: str | o
     b.set_xlabel("global batch size (samples)")
     b.set_ylabel("cv of per-batch work ratio")
     b.set_title("macro work ratios concentrate (dotted: 1/sqrt(N))")
-    b.legend()
+    if b.get_legend_handles_labels()[0]:
+        b.legend()
     b.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

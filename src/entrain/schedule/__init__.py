@@ -30,18 +30,24 @@ BASELINES: tuple[str, ...] = tuple(p for p in POLICIES if p != "entrain")
 
 
 def assign(
-    policy: str, batch: CostedBatch, dp: int, microbatches: int, lookahead: int | None = None
+    policy: str,
+    batch: CostedBatch,
+    dp: int,
+    microbatches: int,
+    lookahead: int | None = None,
+    pool: int | None = None,
 ) -> Assignment:
     """Run a policy by name; checks the arguments a user can get wrong. `lookahead` limits
-    how far ahead Entrain may encode a unit (the other policies never run ahead)."""
+    how far ahead Entrain may encode a unit, `pool` how many replicas share encoders (the
+    other policies ignore both)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if dp < 1 or microbatches < 1:
         raise ValueError(
             f"dp and microbatches must be >= 1, got dp={dp}, microbatches={microbatches}"
         )
-    if policy == "entrain" and lookahead is not None:
-        return entrain(batch, dp, microbatches, EntrainConfig(lookahead=lookahead))
+    if policy == "entrain" and (lookahead is not None or pool is not None):
+        return entrain(batch, dp, microbatches, EntrainConfig(lookahead=lookahead, pool=pool))
     return POLICIES[policy](batch, dp, microbatches)
 
 

@@ -49,6 +49,10 @@ class EntrainConfig:
     backward until the LLM's backward of the later microbatch, and in a 1F1B pipeline with
     a trained encoder a long wait can stall it; the planner picks this per plan
     (ParallelPlan.encoder_lookahead) from simulations."""
+    pool: int | None = None
+    """Replicas whose encoders share units (None: all of them). Pooling balances best, but
+    every LLM microbatch then waits on the encoders of the whole pool; the planner picks it
+    per plan (ParallelPlan.encoder_pool)."""
     smooth: float = 0.02
     """Microbatches run in ascending order of LLM work, in steps of this fraction of a mean
     microbatch; within a step, in the order that suits encoder deadlines."""
@@ -189,6 +193,38 @@ def _targets(enc_total: float, llm_rm: np.ndarray, proportional: bool) -> np.nda
     return np.full((M, D), enc_total / (D * M))
 
 
+def _place_pooled(
+    cost: np.ndarray,
+    deadline: np.ndarray,
+    home: np.ndarray,
+    targets: np.ndarray,
+    cfg: EntrainConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """place_units within each group of `cfg.pool` replicas (all replicas when None): a
+    unit is encoded by an encoder of its sample's group, whose targets are rescaled to the
+    group's own units."""
+    M, D = targets.shape
+    pool = D if cfg.pool is None else max(1, min(cfg.pool, D))
+    if pool == D:
+        return place_units(cost, deadline, targets, cfg.fine, cfg.repair_steps, cfg.lookahead)
+    mb = np.zeros(cost.shape[0], dtype=np.int64)
+    rep = np.zeros(cost.shape[0], dtype=np.int64)
+    for g0 in range(0, D, pool):
+        mine = np.flatnonzero((home >= g0) & (home < g0 + pool))
+        if mine.size == 0:
+            continue
+        t = targets[:, g0 : g0 + pool]
+        total = t.sum()
+        t = (
+            t * (cost[mine].sum() / total)
+            if total > 0
+            else np.full_like(t, cost[mine].sum() / t.size)
+        )
+        m, r = place_units(cost[mine], deadline[mine], t, cfg.fine, cfg.repair_steps, cfg.lookahead)
+        mb[mine], rep[mine] = m, r + g0
+    return mb, rep
+
+
 def _try(
     batch: CostedBatch,
     dp: int,
@@ -216,9 +252,7 @@ def _try(
         placed = None
         for prop in (True, False) if cfg.proportional else (False,):
             targets = _targets(float(u.cost.sum()), llm_rm, prop)
-            mb, rep = place_units(
-                u.cost, deadline, targets, cfg.fine, cfg.repair_steps, cfg.lookahead
-            )
+            mb, rep = _place_pooled(u.cost, deadline, s_rep[u.sample], targets, cfg)
             if _max_work(batch, e, rep * M + mb, B, u) <= bound[e]:
                 placed = (rep, mb)
                 break

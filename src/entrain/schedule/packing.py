@@ -202,7 +202,9 @@ def place_units(
     pos = np.cumsum(c) - c / 2
     earliest = np.zeros_like(d) if lookahead is None else np.maximum(d - lookahead, 0)
     slot = np.clip(_cut(pos, np.cumsum(targets.sum(axis=1))), earliest, d)
-    rep = _spread_in_slots(c, slot, targets, fine, np.argsort(-c, kind="stable"))
+    position = np.empty(U, dtype=np.int64)
+    position[order] = np.arange(U)
+    rep = _spread_in_slots(c, slot, targets, fine, position[by_cost])  # by_cost, re-indexed
     q = slot * D + rep
     steps = 2 * M * D if repair_steps is None else repair_steps
     q = _repair(c, earliest * D, (d + 1) * D, q, targets.ravel(), steps)

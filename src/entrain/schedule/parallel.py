@@ -29,6 +29,9 @@ class ParallelPlan:
     microbatch's units, so an encoder can get any number of GPUs, not only a TP degree."""
     microbatches: int = 1
     """Microbatches per replica per iteration M."""
+    encoder_pool: int | None = None
+    """How many replicas' encoders share one another's units (Entrain's pooling; None: all
+    replicas). Like the lookahead, chosen by the planner."""
     encoder_lookahead: int | None = None
     """How many microbatches ahead of the LLM an encoder may encode a unit (Entrain's
     deferral depth; None: unlimited). A schedule knob, but one that sets activation memory
@@ -36,11 +39,19 @@ class ParallelPlan:
 
     def __post_init__(self) -> None:
         if self.encoder_lookahead is not None and (
-            not isinstance(self.encoder_lookahead, int) or self.encoder_lookahead < 0
+            not isinstance(self.encoder_lookahead, int)
+            or isinstance(self.encoder_lookahead, bool)
+            or self.encoder_lookahead < 0
         ):
             raise ValueError(
                 f"plan.encoder_lookahead must be None or >= 0, got {self.encoder_lookahead!r}"
             )
+        if self.encoder_pool is not None and (
+            isinstance(self.encoder_pool, bool)
+            or not isinstance(self.encoder_pool, int)
+            or self.encoder_pool < 1
+        ):
+            raise ValueError(f"plan.encoder_pool must be None or >= 1, got {self.encoder_pool!r}")
         for name in ("dp", "llm_pp", "llm_tp", "microbatches"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -92,6 +103,7 @@ class ParallelPlan:
             for e, tp in self.encoder_tp.items()
         )
         ahead = "" if self.encoder_lookahead is None else f" ahead={self.encoder_lookahead}"
+        ahead += "" if self.encoder_pool is None else f" pool={self.encoder_pool}"
         return (
             f"dp{self.dp} x [{enc} llm:pp{self.llm_pp}xtp{self.llm_tp}] "
             f"M={self.microbatches}{ahead} ({self.world_size} GPUs)"
@@ -110,10 +122,20 @@ class ParallelPlan:
             "encoder_dp",
             "microbatches",
             "encoder_lookahead",
+            "encoder_pool",
         }
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"plan: unknown key(s) {unknown}; known: {sorted(known)}")
-        return ParallelPlan(
-            **{k: (dict(v) if k in ("encoder_tp", "encoder_dp") else v) for k, v in data.items()}
-        )
+        for k in ("encoder_tp", "encoder_dp"):
+            if k in data and not isinstance(data[k], dict):
+                raise ValueError(f"plan.{k} must map encoder names to integers, got {data[k]!r}")
+        try:
+            return ParallelPlan(
+                **{
+                    k: (dict(v) if k in ("encoder_tp", "encoder_dp") else v)
+                    for k, v in data.items()
+                }
+            )
+        except TypeError as e:  # a required field is missing
+            raise ValueError(f"plan: {e}") from None

@@ -1,0 +1,216 @@
+"""`entrain plan` and `entrain simulate`, run in-process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from entrain.cli import main
+
+ALL_POLICIES = [
+    "sequential",
+    "llm-balanced",
+    "encoder-balanced",
+    "joint",
+    "encoder-rebalance",
+    "entrain",
+]
+COMMON = [
+    "--model",
+    "omni-7b",
+    "--gpus",
+    "16",
+    "--global-batch",
+    "128",
+    "--microbatch-size",
+    "4",
+    "--iterations",
+    "2",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch):
+    monkeypatch.delenv("ENTRAIN_DEBUG", raising=False)
+
+
+@pytest.fixture(scope="module")
+def trace(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_plan") / "omni.jsonl"
+    rc = main(["trace", "generate", "--kind", "omni", "--n", "512", "--seed", "0", "-o", str(path)])
+    assert rc == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def plan_file(trace, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli_plan") / "plan.json"
+    assert main(["plan", str(trace), *COMMON, "-o", str(path)]) == 0
+    return path
+
+
+def run_ok(capsys, argv: list[str]) -> tuple[str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "Traceback" not in err
+    return out, err
+
+
+def run_user_error(capsys, argv: list[str]) -> str:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("entrain: error:")
+    return lines[0]
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def test_plan_json_file_and_plot(trace, tmp_path, capsys):
+    plan_path, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    out, _ = run_ok(
+        capsys,
+        ["plan", str(trace), *COMMON, "--json", "-o", str(plan_path), "--plot", str(png)],
+    )
+    result = json.loads(out)
+    assert 0 < result["static_over_oracle"] <= 1 + 1e-9
+    assert result["gpus"] == 16 and result["global_batch"] == 128
+    assert result["model"] == "omni-7b" and result["policy"] == "entrain"
+    assert len(result["per_batch"]) == 2
+    for row in result["per_batch"]:
+        assert row["samples"] == 128
+        assert 0 < row["oracle_iter_time"] <= row["static_iter_time"]
+    assert result["throughput"]["samples_per_s"] > 0
+
+    written = json.loads(plan_path.read_text())
+    assert "plan" in written
+    assert written == result
+    assert written["plan"]["encoder_tp"].keys() == {"vision", "audio"}
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert png.stat().st_size > 1000
+
+
+def test_plan_table(trace, capsys):
+    out, _ = run_ok(capsys, ["plan", str(trace), *COMMON])
+    assert "static plan" in out and "static/oracle" in out and "(16 GPUs)" in out
+
+
+# ---------------------------------------------------------------------------------- simulate
+
+
+def test_simulate_json_with_plan_and_trace(trace, plan_file, tmp_path, capsys):
+    chrome = tmp_path / "trace.json"
+    out, _ = run_ok(
+        capsys,
+        [
+            "simulate",
+            str(trace),
+            *COMMON,
+            "--plan",
+            str(plan_file),
+            "--json",
+            "--trace",
+            str(chrome),
+        ],
+    )
+    result = json.loads(out)
+    planned = json.loads(plan_file.read_text())["plan"]
+    assert result["plan"] == planned
+    assert result["iterations"] == 2
+    pol = result["policies"]
+    assert list(pol) == ALL_POLICIES
+    for name, m in pol.items():
+        assert m["iter_time"] > 0, name
+        assert m["throughput"]["samples_per_s"] > 0
+        assert m["throughput"]["tokens_per_s"] > m["throughput"]["samples_per_s"]
+        assert m["throughput"]["samples_per_s"] == pytest.approx(128 / m["iter_time"])
+        assert 0 <= m["bubble_fraction"] < 1
+        assert set(m["speedup"]) == set(ALL_POLICIES) - {name}
+        for other, s in m["speedup"].items():
+            ratio = m["throughput"]["samples_per_s"] / pol[other]["throughput"]["samples_per_s"]
+            assert s == pytest.approx(ratio)
+        if name != "entrain":
+            assert m["peak_deferred_tokens"] == 0, name
+
+    data = json.loads(chrome.read_text())
+    slices = [e for e in data["traceEvents"] if e.get("ph") == "X"]
+    assert slices
+    assert all(e["dur"] >= 0 and e["ts"] >= 0 for e in slices)
+    assert max(e["ts"] + e["dur"] for e in slices) <= pol["entrain"]["iter_time"] * 2e6
+
+
+def test_simulate_matches_plan_throughput(trace, plan_file, capsys):
+    """simulate on the planned plan reproduces the planner's static throughput."""
+    out, _ = run_ok(capsys, ["simulate", str(trace), *COMMON, "--plan", str(plan_file), "--json"])
+    planned = json.loads(plan_file.read_text())
+    got = json.loads(out)["policies"]["entrain"]["throughput"]["samples_per_s"]
+    assert got == pytest.approx(planned["throughput"]["samples_per_s"])
+
+
+def test_simulate_without_plan_plans_now(trace, capsys):
+    out, _ = run_ok(
+        capsys, ["simulate", str(trace), *COMMON, "--json", "--policies", "joint", "entrain"]
+    )
+    result = json.loads(out)
+    assert list(result["policies"]) == ["joint", "entrain"]
+    assert "(16 GPUs)" in result["plan_description"]
+
+
+def test_simulate_table_lists_every_policy(trace, plan_file, capsys):
+    out, _ = run_ok(capsys, ["simulate", str(trace), *COMMON, "--plan", str(plan_file)])
+    for name in ALL_POLICIES:
+        assert name in out
+    assert "vs sequential" in out
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_simulate_plan_for_other_gpu_count(trace, plan_file, capsys):
+    argv = ["simulate", str(trace), *COMMON, "--plan", str(plan_file)]
+    argv[argv.index("--gpus") + 1] = "8"
+    line = run_user_error(capsys, argv)
+    assert "16" in line and "8" in line
+
+
+def test_simulate_plan_not_json(trace, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{this is not json")
+    line = run_user_error(capsys, ["simulate", str(trace), *COMMON, "--plan", str(bad)])
+    assert "JSON" in line and "bad.json" in line
+
+
+def test_simulate_plan_unknown_key(trace, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"plan": {"dp": 1, "gpus_per_stage": 3}}))
+    line = run_user_error(capsys, ["simulate", str(trace), *COMMON, "--plan", str(bad)])
+    assert "gpus_per_stage" in line
+
+
+def test_simulate_plan_missing_file(trace, tmp_path, capsys):
+    run_user_error(capsys, ["simulate", str(trace), *COMMON, "--plan", str(tmp_path / "nope.json")])
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_unknown_hardware(trace, capsys, command):
+    line = run_user_error(capsys, [command, str(trace), *COMMON, "--hardware", "tpu-v9"])
+    assert "tpu-v9" in line and "h100" in line
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [{"plan": {}}, {"plan": {"dp": 2, "encoder_tp": 5}}],
+    ids=["missing-dp", "encoder_tp-not-a-dict"],
+)
+def test_simulate_malformed_plan_is_a_user_error(trace, tmp_path, capsys, plan):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(plan))
+    run_user_error(capsys, ["simulate", str(trace), *COMMON, "--plan", str(bad)])
