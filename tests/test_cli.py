@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_ok, run_user_error
 
 from entrain.cli import main
 from entrain.schedule import BASELINES, POLICIES
@@ -47,27 +48,6 @@ def omni_trace(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "omni.jsonl"
     write_trace("omni", 80, 0, path)
     return path
-
-
-def run_ok(capsys, argv: list[str]) -> tuple[str, str]:
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "Traceback" not in err
-    return out, err
-
-
-def run_user_error(capsys, argv: list[str]) -> str:
-    """Run a command that must fail as a user error; returns its one stderr line."""
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("entrain: error:")
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------- trace

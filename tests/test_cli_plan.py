@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_helpers import run_ok, run_user_error
 
 from entrain.cli import main
 
@@ -49,26 +50,6 @@ def plan_file(trace, tmp_path_factory):
     path = tmp_path_factory.mktemp("cli_plan") / "plan.json"
     assert main(["plan", str(trace), *COMMON, "-o", str(path)]) == 0
     return path
-
-
-def run_ok(capsys, argv: list[str]) -> tuple[str, str]:
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "Traceback" not in err
-    return out, err
-
-
-def run_user_error(capsys, argv: list[str]) -> str:
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2
-    assert out == ""
-    assert "Traceback" not in err
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("entrain: error:")
-    return lines[0]
 
 
 # -------------------------------------------------------------------------------------- plan

@@ -302,6 +302,17 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
 # --------------------------------------------------------------------------------- parser
 
 
+def _add_policies(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        choices=list(POLICIES),
+        metavar="POLICY",
+        help=f"policies to {verb} (default: all of {', '.join(POLICIES)})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="entrain",
@@ -351,14 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="global batches to analyze from the start (default 16; 0 = all)",
     )
-    an.add_argument(
-        "--policies",
-        nargs="+",
-        default=list(POLICIES),
-        choices=list(POLICIES),
-        metavar="POLICY",
-        help=f"policies to compare (default: all of {', '.join(POLICIES)})",
-    )
+    _add_policies(an, "compare")
     an.add_argument(
         "--seed",
         type=int,
@@ -410,14 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.set_defaults(func=cmd_plan)
         else:
             sp.add_argument("--plan", help="plan JSON from `entrain plan -o` (default: plan now)")
-            sp.add_argument(
-                "--policies",
-                nargs="+",
-                default=list(POLICIES),
-                choices=list(POLICIES),
-                metavar="POLICY",
-                help="policies to simulate (default: all)",
-            )
+            _add_policies(sp, "simulate")
             sp.add_argument(
                 "--trace", help="write a Chrome/Perfetto trace of entrain's first batch here"
             )
