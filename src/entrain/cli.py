@@ -299,6 +299,94 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ training
+
+
+def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
+    from entrain.runtime.demo_data import make_demo_data
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    path = make_demo_data(args.output, args.n, seed=args.seed)
+    err.print(f"wrote {args.n} samples (PNG images, WAV clips, captions) and {path}")
+    return 0
+
+
+TRAIN_FLAGS = (
+    "model",
+    "data",
+    "policy",
+    "steps",
+    "global_batch",
+    "microbatches",
+    "dp",
+    "pp",
+    "lr",
+    "seed",
+    "lookahead",
+    "pool",
+    "timeout_s",
+    "out",
+)
+
+
+def cmd_train(args: argparse.Namespace, err: Console) -> int:
+    from entrain.runtime.setup import TrainConfig
+
+    cfg = TrainConfig(
+        **{k: getattr(args, k) for k in TRAIN_FLAGS},
+        shuffle=not args.no_shuffle,
+        trace=args.trace,
+        save_params=args.save_params,
+    )
+    if "RANK" in os.environ:
+        from entrain.runtime.train import main_from_env
+
+        return main_from_env(cfg)
+    if not args.nproc:
+        raise UserError(
+            "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"
+        )
+    return _launch_torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+
+
+def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with `nproc` processes on this machine."""
+    import socket
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N: the children are the processes
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "entrain",
+        *rest,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.call(cmd, env=env)
+
+
 # --------------------------------------------------------------------------------- parser
 
 
@@ -419,6 +507,58 @@ def build_parser() -> argparse.ArgumentParser:
                 "--trace", help="write a Chrome/Perfetto trace of entrain's first batch here"
             )
             sp.set_defaults(func=cmd_simulate)
+    tr = sub.add_parser(
+        "train",
+        help="train for real with torchrun (gloo on CPU, NCCL on GPU)",
+        description="Train a model on a training manifest (sizes, text and files of every sample) "
+        "with real Hugging Face modules: each encoder on its own rank, the LLM as "
+        "pipeline stages, times data-parallel replicas. Run it under torchrun, or pass "
+        "--nproc P to launch torchrun on this machine.",
+    )
+    tr.add_argument("--data", required=True, help="training manifest (see `entrain demo-data`)")
+    tr.add_argument("--model", default="tiny", help="model preset or spec file (default tiny)")
+    tr.add_argument("--policy", default="entrain", choices=list(POLICIES), help="assignment policy")
+    tr.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
+    tr.add_argument("--global-batch", type=int, default=16, help="samples per step (default 16)")
+    tr.add_argument(
+        "--microbatches", type=int, default=4, help="microbatches per replica (default 4)"
+    )
+    tr.add_argument("--dp", type=int, default=1, help="data-parallel replicas (default 1)")
+    tr.add_argument(
+        "--pp", type=int, default=None, help="LLM pipeline stages (default: what is left)"
+    )
+    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument(
+        "--seed", type=int, default=0, help="seed of weights and data order (default 0)"
+    )
+    tr.add_argument("--lookahead", type=int, default=None, help="entrain: encoder run-ahead limit")
+    tr.add_argument("--pool", type=int, default=None, help="entrain: replicas sharing encoders")
+    tr.add_argument(
+        "--timeout",
+        dest="timeout_s",
+        type=float,
+        default=300.0,
+        help="seconds a rank waits for a message before failing (default 300)",
+    )
+    tr.add_argument("--out", default=None, help="directory for metrics.jsonl and trace.json")
+    tr.add_argument("--trace", action="store_true", help="write a Perfetto trace of the last step")
+    tr.add_argument("--no-shuffle", action="store_true", help="keep manifest order")
+    tr.add_argument("--save-params", action="store_true", help="save parameters at the end (tests)")
+    tr.add_argument(
+        "--nproc", type=int, default=None, help="launch torchrun with this many processes"
+    )
+    tr.set_defaults(func=cmd_train, argv=None)
+
+    dd = sub.add_parser(
+        "demo-data",
+        help="make a small real image/audio/caption data set",
+        description="Write PNG images of varied sizes and counts per sample, WAV "
+        "clips and captions, and a training manifest describing them.",
+    )
+    dd.add_argument("-o", "--output", required=True, help="directory to write")
+    dd.add_argument("--n", type=int, default=96, help="samples (default 96)")
+    dd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    dd.set_defaults(func=cmd_demo_data)
     return p
 
 

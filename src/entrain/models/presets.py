@@ -123,7 +123,8 @@ def _tiny_encoder() -> TransformerSpec:
 
 
 def tiny() -> ModelSpec:
-    """Small enough to train on a laptop CPU: images capped at 256 patches, 10 s audio chunks."""
+    """Small enough to train on a laptop CPU: images capped at 256 patches, Whisper-style
+    audio padded to 10 s chunks of 250 positions (a 320-sample hop at 16 kHz)."""
     vit = _tiny_encoder()
     vision = VisionSpec(
         encoder=vit,
@@ -143,7 +144,7 @@ def tiny() -> ModelSpec:
         n_mels=32,
         frames_per_second=25,
         chunk_seconds=10.0,
-        pad_to_chunk=False,
+        pad_to_chunk=True,
         downsample=2,
         projector_hidden=128,
     )

@@ -1,0 +1,254 @@
+"""One training iteration on one rank: an encoder or an LLM pipeline stage of one replica.
+
+Both roles replay their action list from schedule/pipeline.py, the same lists the simulator
+replays. An encoder runs its microbatches' forwards, sends each unit's embedding to the first
+LLM stage of the replica that owns the sample, and runs a microbatch's backward once the
+gradients of all its units are back. LLM stages run 1F1B; the first stage waits for the
+embeddings of every sample of a microbatch before its forward (deferral is waiting).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from entrain.runtime.comm import ACT, ACT_GRAD, EMBED, EMBED_GRAD, Mailbox, make_tag
+from entrain.runtime.iteration import IterationPlan
+from entrain.runtime.modules import LLMStage
+from entrain.schedule.parallel import ParallelPlan
+from entrain.schedule.pipeline import encoder_actions, one_f_one_b
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a rank holds: an encoder (stage is 0) or an LLM stage, in one replica."""
+
+    module: str
+    replica: int
+    stage: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.module if self.module != "llm" else f"llm.s{self.stage}"
+
+
+def roles(plan: ParallelPlan, encoders: list[str]) -> list[Role]:
+    """The role of every rank, rank order (ParallelPlan's layout: per replica, encoders, then
+    LLM stages). The runtime runs each encoder and each stage on one rank (TP 1, one copy)."""
+    if (
+        plan.llm_tp != 1
+        or any(tp != 1 for tp in plan.encoder_tp.values())
+        or any(d != 1 for d in plan.encoder_dp.values())
+    ):
+        raise ValueError(
+            "the runtime runs every module group on one rank per replica (TP 1, one copy)"
+        )
+    out = []
+    for r in range(plan.dp):
+        out += [Role(e, r) for e in encoders]
+        out += [Role("llm", r, s) for s in range(plan.llm_pp)]
+    return out
+
+
+@dataclass
+class StepStats:
+    busy: float = 0.0
+    events: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def timed(self, label: str, t0: float) -> None:
+        t1 = time.perf_counter()
+        self.busy += t1 - t0
+        self.events.append((label, t0, t1))
+
+
+class EncoderWorker:
+    """An encoder rank. `encode(units)` returns one embedding tensor per unit (LLM width when
+    the encoder trains; the trunk's states when it is frozen and its projector runs on the
+    LLM side)."""
+
+    def __init__(
+        self,
+        role: Role,
+        index: int,
+        tower: nn.Module,
+        trains: bool,
+        encode: Callable[[list[int]], list[torch.Tensor]],
+        rank_of: Callable[[Role], int],
+    ):
+        self.role, self.index, self.tower, self.trains = role, index, tower, trains
+        self.encode, self.rank_of = encode, rank_of
+
+    def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats) -> None:
+        e, r = self.role.module, self.role.replica
+        P = it.llm_stages
+        outputs: dict[int, list[torch.Tensor]] = {}
+        for kind, k in encoder_actions(it.need(e, r), P, self.trains):
+            units = it.enc_mb.get((e, r, k), [])
+            t0 = time.perf_counter()
+            if kind == "F":
+                with torch.set_grad_enabled(self.trains):
+                    embs = self.encode(units) if units else []
+                by_unit = dict(zip(units, embs))
+                outputs[k] = embs
+                stats.timed(f"F{k}", t0)
+                for dest, us in it.sends_of(e, r, k).items():
+                    mail.send(
+                        [by_unit[u] for u in us],
+                        us,
+                        self.rank_of(Role("llm", dest, 0)),
+                        make_tag(EMBED, self.index, k, 0),
+                    )
+            else:
+                grads: dict[int, torch.Tensor] = {}
+                for dest, j in it.grad_sources(e, r, k):
+                    meta, tensors = mail.recv(
+                        self.rank_of(Role("llm", dest, 0)),
+                        make_tag(EMBED_GRAD, self.index, k, j),
+                        f"gradients of {e} microbatch {k} (LLM replica {dest}, microbatch {j})",
+                    )
+                    grads.update(zip(meta, tensors))
+                t0 = time.perf_counter()
+                if units:
+                    torch.autograd.backward(outputs[k], [grads[u] for u in units])
+                outputs.pop(k, None)
+                stats.timed(f"B{k}", t0)
+
+
+class LLMWorker:
+    """An LLM pipeline stage. Stage 0 builds each sample's sequence from the received unit
+    embeddings (through the LLM-side projector of a frozen encoder) and its text."""
+
+    def __init__(
+        self,
+        role: Role,
+        stage: LLMStage,
+        text: Callable[[int], torch.Tensor],
+        projectors: dict[str, nn.Module],
+        encoder_index: dict[str, int],
+        encoder_trains: dict[str, bool],
+        rank_of: Callable[[Role], int],
+    ):
+        self.role, self.stage, self.text = role, stage, text
+        self.projectors, self.encoder_index, self.encoder_trains = (
+            projectors,
+            encoder_index,
+            encoder_trains,
+        )
+        self.rank_of = rank_of
+
+    def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats, loss_tokens: int) -> float:
+        r, s, P, M = self.role.replica, self.role.stage, it.llm_stages, it.asg.microbatches
+        received: dict[tuple[str, int], torch.Tensor] = {}
+        got: set = set()
+        inputs: dict[int, list[torch.Tensor]] = {}
+        outs: dict[int, list[torch.Tensor]] = {}
+        losses: dict[int, torch.Tensor] = {}
+        total = 0.0
+        for kind, j in one_f_one_b(P, s, M):
+            samples = it.llm_mb.get((r, j), [])
+            if kind == "F":
+                if s == 0:
+                    for src in it.embed_sources(r, j):
+                        if src not in got:
+                            e, rs, k = src
+                            meta, tensors = mail.recv(
+                                self.rank_of(Role(e, rs)),
+                                make_tag(EMBED, self.encoder_index[e], k, 0),
+                                f"{e} embeddings of encoder microbatch {k} (replica {rs})",
+                            )
+                            for u, t in zip(meta, tensors):
+                                received[(e, u)] = t.requires_grad_(self.encoder_trains[e])
+                            got.add(src)
+                    xs = None
+                else:
+                    meta, xs = mail.recv(
+                        self.rank_of(Role("llm", r, s - 1)),
+                        make_tag(ACT, 0, 0, j),
+                        f"activations of LLM microbatch {j} from stage {s - 1}",
+                    )
+                    xs = [x.requires_grad_(True) for x in xs]
+                t0 = time.perf_counter()
+                hidden_in, hidden_out, loss = [], [], None
+                for i, smp in enumerate(samples):
+                    if s == 0:
+                        prefix = [self._embedding(e, u, received) for e, u in it.prefix[smp]]
+                        h = self.stage.embed_sample(prefix, self.text(smp))
+                    else:
+                        h = xs[i].unsqueeze(0)
+                        hidden_in.append(xs[i])
+                    h = self.stage(h)
+                    if self.stage.last:
+                        lo = self.stage.loss(h, self.text(smp)) / loss_tokens
+                        loss = lo if loss is None else loss + lo
+                    else:
+                        hidden_out.append(h[0])
+                inputs[j], outs[j] = hidden_in, hidden_out
+                if loss is not None:
+                    losses[j] = loss
+                    total += float(loss.detach()) * loss_tokens
+                stats.timed(f"F{j}", t0)
+                if not self.stage.last:
+                    mail.send(
+                        hidden_out,
+                        samples,
+                        self.rank_of(Role("llm", r, s + 1)),
+                        make_tag(ACT, 0, 0, j),
+                    )
+            else:
+                if self.stage.last:
+                    t0 = time.perf_counter()
+                    if j in losses:
+                        losses.pop(j).backward()
+                else:
+                    _, grads = mail.recv(
+                        self.rank_of(Role("llm", r, s + 1)),
+                        make_tag(ACT_GRAD, 0, 0, j),
+                        f"activation gradients of LLM microbatch {j} from stage {s + 1}",
+                    )
+                    t0 = time.perf_counter()
+                    if outs[j]:
+                        torch.autograd.backward(outs[j], grads)
+                outs.pop(j, None)
+                stats.timed(f"B{j}", t0)
+                if s > 0:
+                    mail.send(
+                        [
+                            x.grad if x.grad is not None else torch.zeros_like(x)
+                            for x in inputs.pop(j)
+                        ],
+                        samples,
+                        self.rank_of(Role("llm", r, s - 1)),
+                        make_tag(ACT_GRAD, 0, 0, j),
+                    )
+                else:
+                    self._return_embedding_grads(it, r, j, received, mail)
+        return total
+
+    def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
+        x = received[(e, u)]
+        return self.projectors[e](x) if e in self.projectors else x
+
+    def _return_embedding_grads(
+        self, it: IterationPlan, r: int, j: int, received: dict, mail: Mailbox
+    ) -> None:
+        for (e, rs, k), us in it.embed_sources(r, j).items():
+            if not self.encoder_trains[e]:
+                continue
+            grads = [
+                received[(e, u)].grad
+                if received[(e, u)].grad is not None
+                else torch.zeros_like(received[(e, u)])
+                for u in us
+            ]
+            mail.send(
+                grads,
+                us,
+                self.rank_of(Role(e, rs)),
+                make_tag(EMBED_GRAD, self.encoder_index[e], k, j),
+            )
+            for u in us:
+                received.pop((e, u), None)

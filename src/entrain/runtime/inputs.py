@@ -1,0 +1,178 @@
+"""Turning a sample's files into model inputs: image patches, audio log-mels, text ids.
+
+A manifest line for training carries, besides the sizes of DESIGN.md section 4, the data:
+`"text"` (the sample's text) and `"files": {"image": [...], "audio": [...]}` (paths relative
+to the manifest). The sizes in the manifest must match the files: the scheduler plans with
+the sizes, the runtime computes with the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import wave
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from entrain.cost.tokens import smart_resize
+from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
+from entrain.runtime.tokenizer import ByteTokenizer
+from entrain.workload.manifest import ManifestError, parse_record
+
+# CLIP / Qwen2-VL normalization
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+SAMPLE_RATE = 16_000
+
+
+class SampleError(ValueError):
+    """A sample whose files cannot be used; names the sample and the file."""
+
+
+@dataclass
+class Record:
+    """One training sample as the runtime sees it."""
+
+    id: str
+    line: int
+    text: str
+    images: list[Path]
+    audio: list[Path]
+
+
+def load_records(manifest: str | Path) -> list[Record]:
+    """Every sample of a training manifest, validated (sizes as in any manifest, plus text
+    and files)."""
+    manifest = Path(manifest)
+    out = []
+    with open(manifest, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            rec = parse_record(manifest, lineno, text)
+            files = rec.get("files") or {}
+            if "text" not in rec or not isinstance(rec["text"], str):
+                raise ManifestError(
+                    manifest, lineno, "text", "training needs the sample's text (a string)"
+                )
+            if not isinstance(files, dict):
+                raise ManifestError(
+                    manifest, lineno, "files", 'expected {"image": [...], "audio": [...]}'
+                )
+            for modality in ("image", "audio"):
+                n_sizes, n_files = len(rec.get(modality) or []), len(files.get(modality) or [])
+                if n_sizes != n_files:
+                    raise ManifestError(
+                        manifest,
+                        lineno,
+                        f"files.{modality}",
+                        f"{n_files} file(s) but {n_sizes} {modality} size(s) in '{modality}'",
+                    )
+            if rec.get("video"):
+                raise ManifestError(
+                    manifest, lineno, "video", "the runtime does not train on video yet"
+                )
+            out.append(
+                Record(
+                    id=rec["id"],
+                    line=lineno,
+                    text=rec["text"],
+                    images=[manifest.parent / p for p in files.get("image") or []],
+                    audio=[manifest.parent / p for p in files.get("audio") or []],
+                )
+            )
+    if not out:
+        raise ManifestError(manifest, None, None, "the manifest holds no samples (empty file)")
+    return out
+
+
+def image_patches(path: Path, spec: VisionSpec, sample: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patches, grid_thw) of one image in Qwen2-VL's layout: resized by the spec's rule,
+    repeated to a temporal patch, cut into patch_size squares grouped merge x merge."""
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise SampleError(f"sample {sample!r}: cannot read image {path}: {e}") from None
+    p, m, tps = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    hb, wb = smart_resize(
+        np.array([img.height]), np.array([img.width]), p * m, spec.min_pixels, spec.max_pixels
+    )
+    img = img.resize((int(wb[0]), int(hb[0])), Image.Resampling.BICUBIC)
+    x = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD  # (H, W, C)
+    x = np.repeat(x.transpose(2, 0, 1)[None], tps, axis=0)  # (tps, C, H, W)
+    gh, gw = x.shape[2] // p, x.shape[3] // p
+    c = x.shape[1]
+    x = x.reshape(1, tps, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, c * tps * p * p))
+    return patches, torch.tensor([[1, gh, gw]])
+
+
+def read_wav(path: Path, sample: str) -> np.ndarray:
+    """Mono float samples in [-1, 1] at 16 kHz."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            rate, channels, width, n = (
+                w.getframerate(),
+                w.getnchannels(),
+                w.getsampwidth(),
+                w.getnframes(),
+            )
+            raw = w.readframes(n)
+    except (OSError, wave.Error, EOFError) as e:
+        raise SampleError(f"sample {sample!r}: cannot read audio {path}: {e}") from None
+    if width != 2 or rate != SAMPLE_RATE:
+        raise SampleError(
+            f"sample {sample!r}: {path} must be 16-bit PCM at {SAMPLE_RATE} Hz "
+            f"(got {8 * width}-bit, {rate} Hz)"
+        )
+    audio = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768.0
+    if channels > 1:
+        audio = audio.reshape(-1, channels).mean(axis=1)
+    if audio.size == 0:
+        raise SampleError(f"sample {sample!r}: {path} holds no audio")
+    return audio
+
+
+def log_mel(audio: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, list[int]]:
+    """Whisper log-mel features of each chunk, padded to the chunk length: (chunks, n_mels,
+    2 * positions), and the valid encoder positions of each chunk."""
+    from transformers import WhisperFeatureExtractor
+
+    hop = int(round(SAMPLE_RATE / (2 * spec.frames_per_second)))
+    chunk = int(round(spec.chunk_seconds * SAMPLE_RATE))
+    fx = WhisperFeatureExtractor(
+        feature_size=spec.n_mels,
+        sampling_rate=SAMPLE_RATE,
+        hop_length=hop,
+        chunk_length=int(spec.chunk_seconds),
+        n_fft=400,
+    )
+    pieces = [audio[i : i + chunk] for i in range(0, len(audio), chunk)]
+    feats = fx(pieces, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_features"]
+    valid = [
+        max(1, math.ceil(len(x) / SAMPLE_RATE * spec.frames_per_second - 1e-9)) for x in pieces
+    ]
+    return torch.from_numpy(feats.astype(np.float32)), valid
+
+
+def manifest_line(rec: Record, spec: ModelSpec, tokenizer: ByteTokenizer) -> dict:
+    """The manifest entry (sizes and token count) that describes a sample's files."""
+    out: dict = {"id": rec.id, "text_tokens": len(tokenizer.encode(rec.text)), "text": rec.text}
+    sizes = []
+    for path in rec.images:
+        with Image.open(path) as im:
+            sizes.append([im.height, im.width])
+    if sizes:
+        out["image"] = sizes
+    if rec.audio:
+        out["audio"] = [round(len(read_wav(p, rec.id)) / SAMPLE_RATE, 4) for p in rec.audio]
+    return out
+
+
+def to_json_line(entry: dict) -> str:
+    return json.dumps(entry, separators=(",", ":"))

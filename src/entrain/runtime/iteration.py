@@ -1,0 +1,116 @@
+"""What every rank derives, identically, from one global batch and its assignment: which
+units each encoder microbatch holds, where their embeddings go, which samples each LLM
+microbatch runs, and the loss normalizer. Plain Python and numpy, no communication."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from entrain.cost.batch import CostedBatch
+from entrain.models.spec import ModelSpec
+from entrain.schedule.assignment import Assignment
+
+
+@dataclass
+class UnitRef:
+    """One encoder unit: its sample (index in the batch), which item of the sample's
+    modality list it comes from, and which chunk of that item it is."""
+
+    encoder: str
+    index: int
+    sample: int
+    modality: str
+    item: int
+    chunk: int
+
+
+@dataclass
+class IterationPlan:
+    spec: ModelSpec
+    asg: Assignment
+    llm_stages: int
+    n_samples: int
+    units: dict[str, list[UnitRef]]
+    prefix: list[list[tuple[str, int]]]
+    """Per sample, its units in sequence order (encoders in spec order)."""
+    enc_mb: dict[tuple[str, int, int], list[int]] = field(default_factory=dict)
+    """(encoder, replica, microbatch) -> unit indices."""
+    llm_mb: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """(replica, microbatch) -> sample indices."""
+
+    @staticmethod
+    def build(
+        batch: CostedBatch, asg: Assignment, spec: ModelSpec, llm_stages: int, item_modality
+    ) -> IterationPlan:
+        units: dict[str, list[UnitRef]] = {}
+        prefix: list[list[tuple[str, int]]] = [[] for _ in range(batch.n_samples)]
+        for enc in spec.encoders:
+            table = batch.units[enc.name]
+            refs = []
+            first_unit_of_item: dict[int, int] = {}
+            for i, (s, item) in enumerate(zip(table.sample.tolist(), table.item.tolist())):
+                first_unit_of_item.setdefault(item, i)
+                modality, local = item_modality(enc, int(s), int(item))
+                refs.append(
+                    UnitRef(enc.name, i, int(s), modality, local, i - first_unit_of_item[item])
+                )
+                prefix[int(s)].append((enc.name, i))
+            units[enc.name] = refs
+        plan = IterationPlan(
+            spec=spec,
+            asg=asg,
+            llm_stages=llm_stages,
+            n_samples=batch.n_samples,
+            units=units,
+            prefix=prefix,
+        )
+        for e, refs in units.items():
+            for u in refs:
+                key = (e, int(asg.unit_replica[e][u.index]), int(asg.unit_mb[e][u.index]))
+                plan.enc_mb.setdefault(key, []).append(u.index)
+        for s in range(batch.n_samples):
+            plan.llm_mb.setdefault((int(asg.sample_replica[s]), int(asg.sample_mb[s])), []).append(
+                s
+            )
+        return plan
+
+    def unit_dest(self, encoder: str, unit: int) -> tuple[int, int]:
+        """(replica, LLM microbatch) of the sample the unit belongs to."""
+        s = self.units[encoder][unit].sample
+        return int(self.asg.sample_replica[s]), int(self.asg.sample_mb[s])
+
+    def sends_of(self, encoder: str, replica: int, mb: int) -> dict[int, list[int]]:
+        """Units of encoder microbatch (replica, mb), grouped by the LLM replica they feed."""
+        out: dict[int, list[int]] = defaultdict(list)
+        for u in self.enc_mb.get((encoder, replica, mb), []):
+            out[self.unit_dest(encoder, u)[0]].append(u)
+        return dict(out)
+
+    def grad_sources(self, encoder: str, replica: int, mb: int) -> dict[tuple[int, int], list[int]]:
+        """Units of encoder microbatch (replica, mb), grouped by the LLM (replica, microbatch)
+        that returns their gradients."""
+        out: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for u in self.enc_mb.get((encoder, replica, mb), []):
+            out[self.unit_dest(encoder, u)].append(u)
+        return dict(out)
+
+    def embed_sources(self, replica: int, mb: int) -> dict[tuple[str, int, int], list[int]]:
+        """For LLM microbatch (replica, mb): the encoder microbatches (encoder, replica, k)
+        holding its samples' units, with those units."""
+        out: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+        for s in self.llm_mb.get((replica, mb), []):
+            for e, u in self.prefix[s]:
+                out[(e, int(self.asg.unit_replica[e][u]), int(self.asg.unit_mb[e][u]))].append(u)
+        return dict(out)
+
+    def need(self, encoder: str, replica: int) -> np.ndarray:
+        """Last LLM microbatch fed by each encoder microbatch of this replica (-1: none)."""
+        M = self.asg.microbatches
+        out = np.full(M, -1, dtype=np.int64)
+        for k in range(M):
+            for u in self.enc_mb.get((encoder, replica, k), []):
+                out[k] = max(out[k], self.unit_dest(encoder, u)[1])
+        return out

@@ -1,0 +1,59 @@
+"""The single-process reference: every module in one process, the whole global batch in
+one pass. The distributed runtime must end each step with the same parameters; this is the
+test that deferral, pooling and decoupled microbatches change nothing but speed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from entrain.runtime.modules import LLMStage, build_encoder, build_llm
+from entrain.runtime.setup import Dataset, TrainConfig, encode_units, make_step, spec_of
+
+
+def loss_tokens(data: Dataset, indices) -> int:
+    """Next-token targets of a global batch: the normalizer of its loss."""
+    return max(1, sum(max(len(data.text(int(i))) - 1, 0) for i in indices))
+
+
+def optimizer(params, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+
+
+def reference_params(cfg: TrainConfig, steps: int | None = None) -> dict[str, torch.Tensor]:
+    """Named parameters after `steps` optimizer steps (default cfg.steps)."""
+    spec = spec_of(cfg)
+    data = Dataset(cfg.data, spec)
+    towers = {e.name: build_encoder(spec, e.name, cfg.seed) for e in spec.encoders}
+    llm = build_llm(spec, cfg.seed)
+    stage = LLMStage(llm, 0, 1)
+    named = {f"{e}.{n}": p for e, t in towers.items() for n, p in t.named_parameters()}
+    named.update({f"llm.{n}": p for n, p in llm.named_parameters()})
+    opt = optimizer([p for p in named.values() if p.requires_grad], cfg.lr)
+    one = dataclasses.replace(
+        cfg, policy="sequential", dp=1, microbatches=1, lookahead=None, pool=None
+    )
+    for step in range(cfg.steps if steps is None else steps):
+        st = make_step(data, one, step, 1)
+        norm = loss_tokens(data, st.indices)
+        embs = {}
+        for enc in spec.encoders:
+            units = list(range(len(st.plan.units[enc.name])))
+            if not units:
+                continue
+            out = encode_units(towers[enc.name], enc, data, st, units, trains=not enc.frozen)
+            if enc.frozen:
+                out = [towers[enc.name].projector(x) for x in out]
+            embs[enc.name] = out
+        total = None
+        for s in range(st.batch.n_samples):
+            prefix = [embs[e][u] for e, u in st.plan.prefix[s]]
+            text = data.text(int(st.indices[s]))
+            h = stage(stage.embed_sample(prefix, text))
+            lo = stage.loss(h, text) / norm
+            total = lo if total is None else total + lo
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in named.items()}

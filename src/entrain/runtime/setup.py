@@ -1,0 +1,196 @@
+"""What the trainer and the single-process reference share: the config, the data, the
+modules of a role, and the inputs of a unit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from entrain.cost.batch import CostedBatch, cost_batch
+from entrain.models.load import load_spec
+from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
+from entrain.runtime.inputs import (
+    Record,
+    SampleError,
+    image_patches,
+    load_records,
+    log_mel,
+    read_wav,
+)
+from entrain.runtime.iteration import IterationPlan
+from entrain.runtime.tokenizer import ByteTokenizer
+from entrain.schedule import assign
+from entrain.schedule.assignment import Assignment
+from entrain.workload.columnar import Workload
+from entrain.workload.manifest import read_manifest
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A training run."""
+
+    data: str
+    """Training manifest (sizes, text and files of every sample)."""
+    model: str = "tiny"
+    """Model preset or spec file."""
+    policy: str = "entrain"
+    """Assignment policy."""
+    steps: int = 10
+    """Optimizer steps."""
+    global_batch: int = 16
+    """Samples per step, over all replicas."""
+    microbatches: int = 4
+    """Microbatches per replica per step."""
+    dp: int = 1
+    """Data-parallel replicas."""
+    pp: int | None = None
+    """LLM pipeline stages (default: the ranks left per replica after one per encoder)."""
+    lr: float = 1e-3
+    seed: int = 0
+    shuffle: bool = True
+    """Shuffle the samples every epoch (seeded by seed and epoch)."""
+    lookahead: int | None = None
+    """Entrain: microbatches an encoder may run ahead of the LLM (None: unlimited)."""
+    pool: int | None = None
+    """Entrain: replicas whose encoders share units (None: all)."""
+    timeout_s: float = 300.0
+    """Seconds a rank waits for a message before it fails naming what it waited for."""
+    out: str | None = None
+    """Directory for metrics.jsonl (and trace.json, params)."""
+    trace: bool = False
+    """Write a Chrome/Perfetto trace of the last step."""
+    save_params: bool = False
+    """Write every rank's parameters after the last step (used by the equivalence tests)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "microbatches", "dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.global_batch % self.dp:
+            raise ValueError(
+                f"--global-batch {self.global_batch} is not divisible by --dp {self.dp}"
+            )
+
+
+class Dataset:
+    """Records and their columnar sizes; text ids and unit inputs on demand, cached."""
+
+    def __init__(self, path: str | Path, spec: ModelSpec):
+        self.spec = spec
+        self.records: list[Record] = load_records(path)
+        self.workload: Workload = read_manifest(path)
+        self.tokenizer = ByteTokenizer(spec.llm.vocab_size)
+        self._text: dict[int, torch.Tensor] = {}
+        self._cache: dict[tuple, object] = {}
+        for rec, declared in zip(self.records, self.workload.text_tokens.tolist()):
+            n = len(self.tokenizer.encode(rec.text))
+            if n != declared:
+                raise SampleError(
+                    f"{path}:{rec.line}: sample {rec.id!r} declares text_tokens={declared} "
+                    f"but its text has {n} tokens"
+                )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def batch_order(self, step: int, global_batch: int, seed: int, shuffle: bool) -> np.ndarray:
+        """Sample indices of a step: epochs of a seeded permutation, whole batches only."""
+        per_epoch = len(self) // global_batch
+        if per_epoch == 0:
+            raise ValueError(
+                f"the data has {len(self)} samples, fewer than one global batch ({global_batch})"
+            )
+        epoch, i = divmod(step, per_epoch)
+        order = (
+            np.random.default_rng([seed, epoch]).permutation(len(self))
+            if shuffle
+            else np.arange(len(self))
+        )
+        return order[i * global_batch : (i + 1) * global_batch]
+
+    def text(self, index: int) -> torch.Tensor:
+        if index not in self._text:
+            self._text[index] = torch.tensor(
+                self.tokenizer.encode(self.records[index].text), dtype=torch.long
+            )
+        return self._text[index]
+
+    def image(self, index: int, item: int, enc: VisionSpec):
+        key = ("image", index, item)
+        if key not in self._cache:
+            self._cache[key] = image_patches(
+                self.records[index].images[item], enc, self.records[index].id
+            )
+        return self._cache[key]
+
+    def audio_chunk(self, index: int, item: int, chunk: int, enc: AudioSpec):
+        key = ("audio", index, item)
+        if key not in self._cache:
+            rec = self.records[index]
+            self._cache[key] = log_mel(read_wav(rec.audio[item], rec.id), enc)
+        mels, valid = self._cache[key]
+        return mels[chunk], valid[chunk]
+
+
+def item_locator(workload: Workload):
+    """(encoder, sample, item id as numbered by cost_batch) -> (modality, index in the sample)."""
+
+    def locate(enc, sample: int, item: int) -> tuple[str, int]:
+        base = 0
+        for m in enc.modalities:
+            t = workload.items[m]
+            if item < base + len(t):
+                p = item - base
+                return m, int(p - np.searchsorted(t.sample, t.sample[p]))
+            base += len(t)
+        raise AssertionError("item outside the encoder's modalities")
+
+    return locate
+
+
+@dataclass
+class Step:
+    """One global batch: its samples, costs, assignment and the per-rank plan."""
+
+    indices: np.ndarray
+    batch: CostedBatch
+    asg: Assignment
+    plan: IterationPlan
+
+
+def make_step(data: Dataset, cfg: TrainConfig, step: int, llm_stages: int) -> Step:
+    indices = data.batch_order(step, cfg.global_batch, cfg.seed, cfg.shuffle)
+    w = data.workload.take(indices)
+    batch = cost_batch(w, data.spec)
+    asg = assign(cfg.policy, batch, cfg.dp, cfg.microbatches, cfg.lookahead, cfg.pool)
+    plan = IterationPlan.build(batch, asg, data.spec, llm_stages, item_locator(w))
+    return Step(indices, batch, asg, plan)
+
+
+def encode_units(
+    tower: nn.Module, enc, data: Dataset, step: Step, units: list[int], trains: bool
+) -> list[torch.Tensor]:
+    """Embeddings (or, for a frozen encoder, trunk states) of some units of one encoder,
+    computed in one call of the tower."""
+    refs = [step.plan.units[enc.name][u] for u in units]
+    if isinstance(enc, VisionSpec):
+        parts = [data.image(int(step.indices[r.sample]), r.item, enc) for r in refs]
+        patches = torch.cat([p for p, _ in parts])
+        grid = torch.cat([g for _, g in parts])
+        out = tower(patches, grid) if trains else tower.trunk(patches, grid)
+        rows = [int(g.prod()) // (enc.merge_size**2 if trains else 1) for _, g in parts]
+        return list(torch.split(out, rows))
+    chunks = [data.audio_chunk(int(step.indices[r.sample]), r.item, r.chunk, enc) for r in refs]
+    mels = torch.stack([m for m, _ in chunks])
+    valid = [v for _, v in chunks]
+    return tower(mels, valid) if trains else tower.trunk(mels, valid)
+
+
+def spec_of(cfg: TrainConfig) -> ModelSpec:
+    return load_spec(cfg.model)

@@ -1,0 +1,253 @@
+"""`entrain train`: the distributed training loop, one process per rank (torchrun).
+
+Each rank holds one encoder or one LLM pipeline stage of one data-parallel replica. Every
+step, every rank computes the same assignment from the same global batch, runs its action
+list (runtime/engine.py), then gradients are summed across replicas of its module group and
+AdamW steps. The loss is normalized by the target count of the whole global batch, so the
+step's gradient does not depend on how samples were placed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from entrain.report.trace import write_chrome_trace
+from entrain.runtime.comm import Mailbox
+from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats, roles
+from entrain.runtime.modules import LLMStage, build_encoder, build_llm
+from entrain.runtime.reference import loss_tokens, optimizer
+from entrain.runtime.setup import Dataset, TrainConfig, encode_units, make_step, spec_of
+from entrain.schedule.parallel import ParallelPlan
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.spec = spec_of(cfg)
+        encoders = [e.name for e in self.spec.encoders]
+        per_replica, rest = divmod(world, cfg.dp)
+        pp = cfg.pp or per_replica - len(encoders)
+        if rest or pp < 1 or per_replica != len(encoders) + pp:
+            raise ValueError(
+                f"{world} processes cannot hold dp={cfg.dp} replicas of {len(encoders)} encoder(s) "
+                f"+ {pp} LLM stage(s); use {cfg.dp * (len(encoders) + max(pp, 1))} processes"
+            )
+        self.plan = ParallelPlan(
+            dp=cfg.dp, llm_pp=pp, microbatches=cfg.microbatches, encoder_tp={e: 1 for e in encoders}
+        )
+        self.roles = roles(self.plan, encoders)
+        self.role = self.roles[rank]
+        self.rank_of = {r: i for i, r in enumerate(self.roles)}.__getitem__
+        self.data = Dataset(cfg.data, self.spec)
+        self.mail = Mailbox(datetime.timedelta(seconds=cfg.timeout_s))
+        self.named: dict[str, torch.nn.Parameter] = {}
+        self._build()
+        trainable = [p for p in self.named.values() if p.requires_grad]
+        self.opt = optimizer(trainable, cfg.lr) if trainable else None
+        self.groups = self._dp_groups()
+
+    def _build(self) -> None:
+        spec, cfg, role = self.spec, self.cfg, self.role
+        enc_index = {e.name: i for i, e in enumerate(spec.encoders)}
+        trains = {e.name: not e.frozen for e in spec.encoders}
+        if role.module != "llm":
+            enc = next(e for e in spec.encoders if e.name == role.module)
+            tower = build_encoder(spec, enc.name, cfg.seed)
+            self.named = {
+                f"{enc.name}.{n}": p
+                for n, p in tower.named_parameters()
+                if not (enc.frozen and n.startswith(_projector_prefix(tower)))
+            }
+            self.worker = EncoderWorker(
+                role,
+                enc_index[enc.name],
+                tower,
+                trains[enc.name],
+                lambda units: encode_units(
+                    tower, enc, self.data, self.current, units, trains[enc.name]
+                ),
+                self.rank_of,
+            )
+            return
+        llm = build_llm(spec, cfg.seed)
+        stage = LLMStage(llm, role.stage, self.plan.llm_pp)
+        kept = {id(p) for p in stage.parameters()}
+        self.named = {f"llm.{n}": p for n, p in llm.named_parameters() if id(p) in kept}
+        projectors = {}
+        if role.stage == 0:  # frozen encoders' projectors train on the LLM side
+            for e in spec.encoders:
+                if e.frozen:
+                    tower = build_encoder(spec, e.name, cfg.seed)
+                    projectors[e.name] = tower.projector
+                    prefix = _projector_prefix(tower)
+                    self.named.update(
+                        {
+                            f"{e.name}.{n}": p
+                            for n, p in tower.named_parameters()
+                            if n.startswith(prefix)
+                        }
+                    )
+        self.worker = LLMWorker(
+            role,
+            stage,
+            lambda i: self.data.text(int(self.current.indices[i])),
+            projectors,
+            enc_index,
+            trains,
+            self.rank_of,
+        )
+
+    def _dp_groups(self):
+        """A process group per module group (the same module across replicas); every rank
+        creates every group, in the same order, as torch.distributed requires."""
+        mine = None
+        if self.plan.dp == 1:
+            return None
+        for module in [e.name for e in self.spec.encoders] + [
+            f"llm.s{s}" for s in range(self.plan.llm_pp)
+        ]:
+            ranks = [i for i, r in enumerate(self.roles) if r.name == module]
+            g = dist.new_group(ranks)
+            if self.role.name == module:
+                mine = g
+        return mine
+
+    def step(self, step: int) -> dict:
+        cfg = self.cfg
+        self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp)
+        norm = loss_tokens(self.data, st.indices)
+        stats = StepStats()
+        dist.barrier()
+        t0 = time.perf_counter()
+        loss = 0.0
+        if isinstance(self.worker, EncoderWorker):
+            self.worker.step(st.plan, self.mail, stats)
+        else:
+            loss = self.worker.step(st.plan, self.mail, stats, norm)
+        self.mail.flush()
+        self._all_reduce_grads()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        total = torch.tensor([loss], dtype=torch.float64)
+        dist.all_reduce(total)
+        dist.barrier()
+        wall = time.perf_counter() - t0
+        busy = [None] * self.world
+        dist.all_gather_object(
+            busy,
+            (
+                self.role.name,
+                self.role.replica,
+                stats.busy,
+                [(lab, a - t0, b - t0) for lab, a, b in stats.events],
+            ),
+        )
+        tokens = int(st.batch.llm_tokens.sum())
+        return {
+            "step": step,
+            "loss": float(total) / norm,
+            "iter_time": wall,
+            "samples_per_s": len(st.indices) / wall,
+            "tokens_per_s": tokens / wall,
+            "busy": {f"{n}/r{r}": b for n, r, b, _ in busy},
+            "idle": {f"{n}/r{r}": wall - b for n, r, b, _ in busy},
+            "_events": [(f"{n}/r{r}", lab, a, b) for n, r, _, ev in busy for lab, a, b in ev],
+        }
+
+    def _all_reduce_grads(self) -> None:
+        if self.groups is None:
+            return
+        for p in self.named.values():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=self.groups)
+
+    def save_params(self, out: Path) -> None:
+        if self.role.replica == 0:
+            torch.save(
+                {n: p.detach().clone() for n, p in self.named.items()},
+                out / f"params-{self.role.name}.pt",
+            )
+
+
+def _projector_prefix(tower) -> str:
+    for name, module in tower.named_modules():
+        if module is tower.projector:
+            return name + "."
+    raise AssertionError("tower without a projector")
+
+
+def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
+    """Train under an initialized process group (or initialize it from torchrun's env)."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    trainer = Trainer(cfg, rank, world)
+    out = Path(cfg.out) if cfg.out else None
+    if out and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    history = []
+    bar = _progress(cfg.steps) if (progress and rank == 0) else None
+    metrics = open(out / "metrics.jsonl", "w", encoding="utf-8") if (out and rank == 0) else None
+    try:
+        for step in range(cfg.steps):
+            m = trainer.step(step)
+            events = m.pop("_events")
+            history.append(m)
+            if metrics:
+                metrics.write(json.dumps(m) + "\n")
+                metrics.flush()
+            if bar:
+                bar[0].update(
+                    bar[1], advance=1, description=f"step {step + 1} loss {m['loss']:.4f}"
+                )
+            if out and rank == 0 and cfg.trace and step == cfg.steps - 1:
+                write_chrome_trace(events, out / "trace.json", name=f"entrain train ({cfg.policy})")
+        if out and cfg.save_params:
+            trainer.save_params(out)
+        dist.barrier()
+    finally:
+        if metrics:
+            metrics.close()
+        if bar:
+            bar[0].stop()
+    return history
+
+
+def _progress(total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    p = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    )
+    p.start()
+    return p, p.add_task("training", total=total)
+
+
+def main_from_env(cfg: TrainConfig) -> int:
+    """Entry under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment."""
+    if "RANK" not in os.environ:
+        raise ValueError("entrain train runs under torchrun; without it, pass --nproc P")
+    try:
+        run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
