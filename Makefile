@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p $(OUT)
-	$(VENV)/bin/entrain trace generate --kind omni --n 4096 --seed 0 -o $(OUT)/omni.jsonl
-	@echo "== wide microbatches (about 16 samples each)"
-	$(VENV)/bin/entrain analyze $(OUT)/omni.jsonl --model omni-7b --dp 4 --microbatches 8 --global-batch 512 --iterations 8
-	@echo "== narrow microbatches (2 samples each)"
-	$(VENV)/bin/entrain analyze $(OUT)/omni.jsonl --model omni-7b --dp 8 --microbatches 32 --global-batch 512 --iterations 8
+	rm -rf $(OUT)/demo $(OUT)/train-entrain $(OUT)/train-sequential
+	$(VENV)/bin/entrain demo-data -o $(OUT)/demo --n 128
+	@echo "== how uneven are the microbatches of this data (tiny model, 1 replica, 4 microbatches)"
+	$(VENV)/bin/entrain analyze $(OUT)/demo/manifest.jsonl --model tiny --dp 1 --microbatches 4 --global-batch 16
+	@echo "== training for real: 3 CPU processes (vision encoder, audio encoder, LLM), gloo"
+	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy entrain --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --out $(OUT)/train-entrain --trace
+	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy sequential --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --out $(OUT)/train-sequential
+	$(VENV)/bin/entrain runs $(OUT)/train-sequential $(OUT)/train-entrain
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -32,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sim.py
 	$(PY) benchmarks/regimes.py
 	$(PY) benchmarks/sim_eval.py
+	$(PY) benchmarks/bench_runtime.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -387,6 +387,29 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def cmd_runs(args: argparse.Namespace, err: Console) -> int:
+    from entrain.report.runs import summarize
+
+    rows = [summarize(d) for d in args.runs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="training runs (medians after 2 warm-up steps)")
+    for col in ("run", "steps", "samples/s", "tokens/s", "loss first -> last", "vs first run"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for r in rows:
+        table.add_row(
+            r["run"],
+            str(r["steps"]),
+            f"{r['samples_per_s']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
+            f"{r['samples_per_s'] / rows[0]['samples_per_s']:.3f}x",
+        )
+    stdout_console().print(table)
+    return 0
+
+
 # --------------------------------------------------------------------------------- parser
 
 
@@ -531,7 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--seed", type=int, default=0, help="seed of weights and data order (default 0)"
     )
-    tr.add_argument("--lookahead", type=int, default=None, help="entrain: encoder run-ahead limit")
+    tr.add_argument(
+        "--lookahead",
+        type=int,
+        default=1,
+        help="entrain: microbatches an encoder may run ahead of the LLM (default 1; "
+        "-1 for unlimited)",
+    )
     tr.add_argument("--pool", type=int, default=None, help="entrain: replicas sharing encoders")
     tr.add_argument(
         "--timeout",
@@ -559,6 +588,15 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--n", type=int, default=96, help="samples (default 96)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     dd.set_defaults(func=cmd_demo_data)
+
+    ru = sub.add_parser(
+        "runs",
+        help="compare training runs (throughput, loss)",
+        description="Summarize the metrics.jsonl of training runs side by side.",
+    )
+    ru.add_argument("runs", nargs="+", help="run directories (entrain train --out DIR)")
+    ru.add_argument("--json", action="store_true", help="print JSON")
+    ru.set_defaults(func=cmd_runs)
     return p
 
 

@@ -53,8 +53,10 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     """Shuffle the samples every epoch (seeded by seed and epoch)."""
-    lookahead: int | None = None
-    """Entrain: microbatches an encoder may run ahead of the LLM (None: unlimited)."""
+    lookahead: int | None = 1
+    """Entrain: microbatches an encoder may run ahead of the LLM (None: unlimited). One is
+    what the planner picks for trained encoders in most plans: a deeper run-ahead delays
+    the encoder's backward until the LLM's backward of a later microbatch."""
     pool: int | None = None
     """Entrain: replicas whose encoders share units (None: all)."""
     timeout_s: float = 300.0
