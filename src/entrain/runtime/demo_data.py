@@ -67,9 +67,6 @@ def make_demo_data(
     rng = np.random.default_rng(seed)
     tok = ByteTokenizer(vocab)
     lines = []
-    from entrain.models.presets import tiny
-
-    spec = tiny()
     for i in range(n):
         sid = f"demo-{i:05d}"
         images, audio, said = [], [], []
@@ -84,7 +81,7 @@ def make_demo_data(
         filler = " and".join([""] * int(rng.integers(0, 4)))
         text = "this shows " + ", then ".join(said or ["nothing at all"]) + filler + "."
         rec = Record(id=sid, line=i + 1, text=text, images=images, audio=audio)
-        entry = manifest_line(rec, spec, tok)
+        entry = manifest_line(rec, tok)
         entry["files"] = {
             "image": [str(p.relative_to(root)) for p in images],
             "audio": [str(p.relative_to(root)) for p in audio],

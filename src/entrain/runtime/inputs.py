@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from entrain.cost.tokens import smart_resize
-from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
+from entrain.models.spec import AudioSpec, VisionSpec
 from entrain.runtime.tokenizer import ByteTokenizer
 from entrain.workload.manifest import ManifestError, parse_record
 
@@ -160,7 +160,7 @@ def log_mel(audio: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, list[int]
     return torch.from_numpy(feats.astype(np.float32)), valid
 
 
-def manifest_line(rec: Record, spec: ModelSpec, tokenizer: ByteTokenizer) -> dict:
+def manifest_line(rec: Record, tokenizer: ByteTokenizer) -> dict:
     """The manifest entry (sizes and token count) that describes a sample's files."""
     out: dict = {"id": rec.id, "text_tokens": len(tokenizer.encode(rec.text)), "text": rec.text}
     sizes = []

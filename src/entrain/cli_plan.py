@@ -1,0 +1,160 @@
+"""`entrain plan` and `entrain simulate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from entrain.cli_common import UserError, progress_bar, stdout_console
+
+
+def _planner_inputs(args: argparse.Namespace, err: Console):
+    from entrain.cost.hardware import get_hardware
+    from entrain.models.load import load_spec
+    from entrain.plan.planner import PlannerConfig
+    from entrain.plan.run import load_batches
+
+    if args.gpus < 1:
+        raise UserError(f"--gpus must be >= 1, got {args.gpus}")
+    spec = load_spec(args.model)
+    hw = get_hardware(args.hardware)
+    gb = args.global_batch or 16 * args.gpus
+    with progress_bar("reading samples", args.iterations * gb, err) as advance:
+        batches = load_batches(args.manifest, spec, gb, args.iterations)
+        advance(sum(b.n_samples for b in batches))
+    cfg = PlannerConfig(
+        gpus=args.gpus,
+        global_batch=gb,
+        microbatch_samples=args.microbatch_size,
+        policy=getattr(args, "policy", "entrain"),
+    )
+    return spec, hw, batches, cfg
+
+
+def cmd_plan(args: argparse.Namespace, err: Console) -> int:
+    from entrain.plan.run import run_plan
+
+    spec, hw, batches, cfg = _planner_inputs(args, err)
+    with progress_bar("simulating plans", None, err) as advance:
+        _, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
+    out = {
+        "model": spec.name,
+        "hardware": hw.name,
+        "gpus": cfg.gpus,
+        "global_batch": cfg.global_batch,
+        "policy": cfg.policy,
+        **res.to_dict(),
+    }
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(out, f, indent=2)
+    if args.plot:
+        from entrain.cost.batch import CostedBatch
+        from entrain.plan.macro import ratio_cv
+        from entrain.report.plots import plan_figure
+
+        pool = CostedBatch.concat(batches)
+        sizes = [n for n in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if n <= pool.n_samples // 2]
+        plan_figure(out, ratio_cv(pool, sizes), args.plot)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    con = stdout_console()
+    con.print(
+        f"[bold]static plan[/] for {cfg.gpus} x {hw.name}, {spec.name}, global batch "
+        f"{cfg.global_batch}, policy {cfg.policy}: {escape(res.static.plan.describe())}"
+    )
+    con.print(
+        f"  simulated throughput {res.static_throughput:,.1f} samples/s; dynamic oracle "
+        f"{res.oracle_throughput:,.1f}; static/oracle = {res.static_over_oracle:.3f}"
+    )
+    con.print(
+        f"  {res.feasible} feasible plans, {len(res.simulated)} simulated "
+        f"on {len(batches)} batch(es)"
+    )
+    if args.output:
+        con.print(f"  plan written to {escape(str(args.output))}")
+    if args.plot:
+        con.print(f"  figure written to {escape(str(args.plot))}")
+    return 0
+
+
+def _load_plan(path: str):
+    from entrain.schedule.parallel import ParallelPlan
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    data = data.get("plan", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a plan object")
+    return ParallelPlan.from_dict(data)
+
+
+def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
+    from entrain.plan.planner import Planner
+    from entrain.plan.run import run_plan, simulate_policies
+    from entrain.report.trace import write_chrome_trace
+
+    spec, hw, batches, cfg = _planner_inputs(args, err)
+    if args.plan:
+        plan = _load_plan(args.plan)
+        plan.check_modules(tuple(e.name for e in spec.encoders))
+        if plan.world_size != cfg.gpus:
+            raise UserError(f"the plan uses {plan.world_size} GPUs but --gpus is {cfg.gpus}")
+        planner = Planner(spec, batches, hw, cfg)
+    else:
+        with progress_bar("planning", None, err) as advance:
+            planner, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
+        plan = res.static.plan
+    policies = tuple(dict.fromkeys(args.policies))
+    trace_policy = "entrain" if "entrain" in policies else policies[0]
+    with progress_bar("simulating", None, err):
+        results, events = simulate_policies(
+            planner, plan, policies, trace_policy if args.trace else None
+        )
+    if args.trace:
+        write_chrome_trace(events, args.trace, name=trace_policy)
+    out = {
+        "model": spec.name,
+        "hardware": hw.name,
+        "gpus": cfg.gpus,
+        "global_batch": cfg.global_batch,
+        "iterations": len(batches),
+        "plan": plan.to_dict(),
+        "plan_description": plan.describe(),
+        "policies": results,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    table = Table(
+        title=f"{spec.name} on {escape(plan.describe())}, {hw.name}, "
+        f"global batch {cfg.global_batch}, {len(batches)} iteration(s)"
+    )
+    for col in ("policy", "iter time (s)", "samples/s", "tokens/s", "bubbles", "vs sequential"):
+        table.add_column(col, justify="left" if col == "policy" else "right")
+    for p, m in results.items():
+        vs = m["speedup"].get("sequential")
+        table.add_row(
+            p,
+            f"{m['iter_time']:.3f}",
+            f"{m['throughput']['samples_per_s']:,.1f}",
+            f"{m['throughput']['tokens_per_s']:,.0f}",
+            f"{100 * m['bubble_fraction']:.1f}%",
+            "1.00x" if p == "sequential" else (f"{vs:.2f}x" if vs else "-"),
+            style="green" if p == "entrain" else None,
+        )
+    stdout_console().print(table)
+    if args.trace:
+        err.print(
+            f"trace of {trace_policy}, first batch, written to {args.trace} "
+            "(open it in ui.perfetto.dev)"
+        )
+    return 0
