@@ -3,7 +3,8 @@ torchrun (gloo) on this machine, runs interleaved over several rounds so that dr
 shared machine hits every policy alike. Prints samples/s and entrain's ratio to each.
 
 Model: benchmarks/tiny-vision.yaml (the tiny preset without audio), 2 ranks (ViT, LLM),
-global batch 32 in 8 microbatches, 10 steps a run (the first 2 are warm-up), 3 rounds.
+global batch 32 in 8 microbatches, 16 steps a run (the first 3 are warm-up), 3 rounds, each
+rank pinned to its own core.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from entrain.runtime.demo_data import make_demo_data
 
 POLICIES = ("sequential", "llm-balanced", "encoder-rebalance", "entrain")
-ROUNDS, STEPS, WARMUP = 3, 10, 2
+ROUNDS, STEPS, WARMUP = 3, 16, 3
 SPEC = Path(__file__).with_name("tiny-vision.yaml")
 
 

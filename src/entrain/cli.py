@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--trace", action="store_true", help="write a Perfetto trace of the last step")
     tr.add_argument("--no-shuffle", action="store_true", help="keep manifest order")
     tr.add_argument("--save-params", action="store_true", help="save parameters at the end (tests)")
+    tr.add_argument("--pin-cores", action="store_true", help="pin each rank to its own CPU core")
     tr.add_argument(
         "--nproc", type=int, default=None, help="launch torchrun with this many processes"
     )

@@ -67,6 +67,8 @@ class TrainConfig:
     """Write a Chrome/Perfetto trace of the last step."""
     save_params: bool = False
     """Write every rank's parameters after the last step (used by the equivalence tests)."""
+    pin_cores: bool = False
+    """Pin each local rank to its own CPU core (steadier CPU timings)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "microbatches", "dp"):

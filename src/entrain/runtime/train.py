@@ -194,6 +194,9 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.pin_cores and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", rank)) % len(cores)]})
     trainer = Trainer(cfg, rank, world)
     out = Path(cfg.out) if cfg.out else None
     if out and rank == 0:
