@@ -8,7 +8,7 @@ peak a training step reaches in practice (model FLOPs utilization). A measured p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,9 +47,6 @@ class Hardware:
 
     def link(self, same_node: bool) -> float:
         return self.intra_node_bw if same_node else self.inter_node_bw
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 HARDWARE: dict[str, Hardware] = {

@@ -13,7 +13,6 @@ from entrain.cost.flops import CostModel, analytic_cost_model
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
 from entrain.plan.planner import Planner, PlannerConfig, PlanResult
-from entrain.schedule import POLICIES
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.simulator import SimResult
 
@@ -83,6 +82,3 @@ def simulate_policies(
             if b != p
         }
     return out, events
-
-
-DEFAULT_POLICIES = tuple(POLICIES)

@@ -1,5 +1,5 @@
 """Point-to-point transfer of variable-shape tensors: a fixed-size header, then the shapes,
-then the payloads. Never pickled; the group is passed in, never a global.
+then the payloads. Never pickled; peers are addressed by global rank.
 
 Every transfer has a tag built from what it carries (kind, encoder, microbatches), so a
 receiver can take messages in the order it needs them, whatever order they were sent in.
@@ -11,18 +11,13 @@ waited for and from which rank.
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 EMBED, EMBED_GRAD, ACT, ACT_GRAD = 0, 1, 2, 3
-KIND_NAMES = {
-    EMBED: "embeddings",
-    EMBED_GRAD: "embedding gradients",
-    ACT: "activations",
-    ACT_GRAD: "activation gradients",
-}
 
 
 class TransferTimeout(RuntimeError):
@@ -69,16 +64,12 @@ class Mailbox:
             ndim = h[i + 1]
             shapes.append(h[i + 2 : i + 2 + ndim])
             i += 1 + ndim
-        total = sum(int(torch.tensor(s).prod()) if s else 1 for s in shapes)
-        flat = torch.empty(total, dtype=torch.float32)
-        if total:
+        sizes = [math.prod(s) for s in shapes]  # prod of () is 1: a scalar
+        flat = torch.empty(sum(sizes), dtype=torch.float32)
+        if flat.numel():
             self._wait(dist.irecv(flat, src, tag=tag + 2), src, what)
-        out, off = [], 0
-        for s in shapes:
-            n = int(torch.tensor(s).prod()) if s else 1
-            out.append(flat[off : off + n].reshape(s).clone())  # a leaf of its own
-            off += n
-        return meta, out
+        parts = torch.split(flat, sizes)
+        return meta, [p.reshape(s).clone() for p, s in zip(parts, shapes)]  # leaves of their own
 
     def _wait(self, work, src: int, what: str) -> None:
         try:

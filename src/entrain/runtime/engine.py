@@ -65,6 +65,11 @@ class StepStats:
         self.events.append((label, t0, t1))
 
 
+def _grad(x: torch.Tensor) -> torch.Tensor:
+    """The gradient a leaf received, or zeros when backward did not reach it."""
+    return x.grad if x.grad is not None else torch.zeros_like(x)
+
+
 class EncoderWorker:
     """An encoder rank. `encode(units)` returns one embedding tensor per unit (LLM width when
     the encoder trains; the trunk's states when it is frozen and its projector runs on the
@@ -74,12 +79,11 @@ class EncoderWorker:
         self,
         role: Role,
         index: int,
-        tower: nn.Module,
         trains: bool,
         encode: Callable[[list[int]], list[torch.Tensor]],
         rank_of: Callable[[Role], int],
     ):
-        self.role, self.index, self.tower, self.trains = role, index, tower, trains
+        self.role, self.index, self.trains = role, index, trains
         self.encode, self.rank_of = encode, rank_of
 
     def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats) -> None:
@@ -216,10 +220,7 @@ class LLMWorker:
                 stats.timed(f"B{j}", t0)
                 if s > 0:
                     mail.send(
-                        [
-                            x.grad if x.grad is not None else torch.zeros_like(x)
-                            for x in inputs.pop(j)
-                        ],
+                        [_grad(x) for x in inputs.pop(j)],
                         samples,
                         self.rank_of(Role("llm", r, s - 1)),
                         make_tag(ACT_GRAD, 0, 0, j),
@@ -238,14 +239,8 @@ class LLMWorker:
         for (e, rs, k), us in it.embed_sources(r, j).items():
             if not self.encoder_trains[e]:
                 continue
-            grads = [
-                received[(e, u)].grad
-                if received[(e, u)].grad is not None
-                else torch.zeros_like(received[(e, u)])
-                for u in us
-            ]
             mail.send(
-                grads,
+                [_grad(received[(e, u)]) for u in us],
                 us,
                 self.rank_of(Role(e, rs)),
                 make_tag(EMBED_GRAD, self.encoder_index[e], k, j),

@@ -90,10 +90,12 @@ class Dataset:
         self.records: list[Record] = load_records(path)
         self.workload: Workload = read_manifest(path)
         self.tokenizer = ByteTokenizer(spec.llm.vocab_size)
-        self._text: dict[int, torch.Tensor] = {}
         self._cache: dict[tuple, object] = {}
-        for rec, declared in zip(self.records, self.workload.text_tokens.tolist()):
-            n = len(self.tokenizer.encode(rec.text))
+        self._text = [
+            torch.tensor(self.tokenizer.encode(r.text), dtype=torch.long) for r in self.records
+        ]
+        for rec, ids, declared in zip(self.records, self._text, self.workload.text_tokens.tolist()):
+            n = len(ids)
             if n != declared:
                 raise SampleError(
                     f"{path}:{rec.line}: sample {rec.id!r} declares text_tokens={declared} "
@@ -119,10 +121,6 @@ class Dataset:
         return order[i * global_batch : (i + 1) * global_batch]
 
     def text(self, index: int) -> torch.Tensor:
-        if index not in self._text:
-            self._text[index] = torch.tensor(
-                self.tokenizer.encode(self.records[index].text), dtype=torch.long
-            )
         return self._text[index]
 
     def image(self, index: int, item: int, enc: VisionSpec):

@@ -68,7 +68,6 @@ class Trainer:
             self.worker = EncoderWorker(
                 role,
                 enc_index[enc.name],
-                tower,
                 trains[enc.name],
                 lambda units: encode_units(
                     tower, enc, self.data, self.current, units, trains[enc.name]

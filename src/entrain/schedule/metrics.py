@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,9 +59,6 @@ class BatchMetrics:
     worst_cv: float
     stretch: float
     peak_deferred: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def evaluate(batch: CostedBatch, asg: Assignment) -> BatchMetrics:
