@@ -56,13 +56,21 @@ def train(manifest: Path, out: Path, nproc: int, *args: str) -> subprocess.Compl
 
 
 def assert_matches_reference(out: Path, cfg: TrainConfig) -> None:
-    ref = reference_params(cfg)
+    grads: dict[str, torch.Tensor] = {}
+    ref = reference_params(cfg, grads=grads)
     got = {}
     for f in glob.glob(str(out / "params-*.pt")):
         got.update(torch.load(f))
     assert set(got) == set(ref)
+    # AdamW's first step moves a weight by about lr * g / (|g| + eps): where a reference
+    # gradient was nonzero but at rounding level (|g| <= 1e-7) in some step, summing in
+    # another order changes the move by a fraction of lr. There the check is within lr / 10
+    # per step.
     for name, p in ref.items():
-        assert torch.allclose(got[name], p, rtol=1e-4, atol=1e-5), name
+        g = grads.get(name, torch.zeros_like(p))
+        tiny = (g.abs() <= 1e-7) & (g != 0)
+        assert torch.allclose(got[name][~tiny], p[~tiny], rtol=1e-4, atol=1e-5), name
+        assert torch.allclose(got[name][tiny], p[tiny], rtol=0, atol=0.1 * cfg.lr * cfg.steps), name
     # and the step did change the weights (a test that could not fail would pass here too)
     init = reference_params(cfg, steps=0)
     assert any(not torch.equal(init[n], ref[n]) for n in ref)
@@ -169,7 +177,7 @@ def _waiter(rank: int, init: str, q) -> None:
     if rank == 0:
         try:
             Mailbox(datetime.timedelta(seconds=2)).recv(
-                1, make_tag(ACT, 0, 0, 3), "activations of LLM microbatch 3"
+                1, make_tag(ACT, 0, 0, 3), 64, "activations of LLM microbatch 3"
             )
             q.put("no error")
         except TransferTimeout as e:

@@ -90,6 +90,12 @@ class EncoderWorker:
         e, r = self.role.module, self.role.replica
         P = it.llm_stages
         outputs: dict[int, list[torch.Tensor]] = {}
+        idx = self.index
+        llm0 = {d: self.rank_of(Role("llm", d, 0)) for d in range(it.asg.dp)}
+        if self.trains:  # every gradient this encoder will get, posted now
+            for k in range(it.asg.microbatches):
+                for (dest, j), us in it.grad_sources(e, r, k).items():
+                    mail.expect(llm0[dest], make_tag(EMBED_GRAD, idx, k, j), it.embed_cap(e, us))
         for kind, k in encoder_actions(it.need(e, r), P, self.trains):
             units = it.enc_mb.get((e, r, k), [])
             t0 = time.perf_counter()
@@ -103,15 +109,18 @@ class EncoderWorker:
                     mail.send(
                         [by_unit[u] for u in us],
                         us,
-                        self.rank_of(Role("llm", dest, 0)),
-                        make_tag(EMBED, self.index, k, 0),
+                        llm0[dest],
+                        make_tag(EMBED, idx, k, 0),
+                        it.embed_cap(e, us),
+                        f"{e} embeddings of encoder microbatch {k}",
                     )
             else:
                 grads: dict[int, torch.Tensor] = {}
-                for dest, j in it.grad_sources(e, r, k):
+                for (dest, j), us in it.grad_sources(e, r, k).items():
                     meta, tensors = mail.recv(
-                        self.rank_of(Role("llm", dest, 0)),
-                        make_tag(EMBED_GRAD, self.index, k, j),
+                        llm0[dest],
+                        make_tag(EMBED_GRAD, idx, k, j),
+                        it.embed_cap(e, us),
                         f"gradients of {e} microbatch {k} (LLM replica {dest}, microbatch {j})",
                     )
                     grads.update(zip(meta, tensors))
@@ -152,6 +161,9 @@ class LLMWorker:
         outs: dict[int, list[torch.Tensor]] = {}
         losses: dict[int, torch.Tensor] = {}
         total = 0.0
+        prev = self.rank_of(Role("llm", r, s - 1)) if s > 0 else None
+        nxt = self.rank_of(Role("llm", r, s + 1)) if s < P - 1 else None
+        self._post_receives(it, mail, prev, nxt)
         for kind, j in one_f_one_b(P, s, M):
             samples = it.llm_mb.get((r, j), [])
             if kind == "F":
@@ -162,6 +174,7 @@ class LLMWorker:
                             meta, tensors = mail.recv(
                                 self.rank_of(Role(e, rs)),
                                 make_tag(EMBED, self.encoder_index[e], k, 0),
+                                it.embed_cap(e, it.sends_of(e, rs, k)[r]),
                                 f"{e} embeddings of encoder microbatch {k} (replica {rs})",
                             )
                             for u, t in zip(meta, tensors):
@@ -170,8 +183,9 @@ class LLMWorker:
                     xs = None
                 else:
                     meta, xs = mail.recv(
-                        self.rank_of(Role("llm", r, s - 1)),
+                        prev,
                         make_tag(ACT, 0, 0, j),
+                        it.act_cap(samples),
                         f"activations of LLM microbatch {j} from stage {s - 1}",
                     )
                     xs = [x.requires_grad_(True) for x in xs]
@@ -199,8 +213,10 @@ class LLMWorker:
                     mail.send(
                         hidden_out,
                         samples,
-                        self.rank_of(Role("llm", r, s + 1)),
+                        nxt,
                         make_tag(ACT, 0, 0, j),
+                        it.act_cap(samples),
+                        f"activations of LLM microbatch {j} from stage {s}",
                     )
             else:
                 if self.stage.last:
@@ -209,8 +225,9 @@ class LLMWorker:
                         losses.pop(j).backward()
                 else:
                     _, grads = mail.recv(
-                        self.rank_of(Role("llm", r, s + 1)),
+                        nxt,
                         make_tag(ACT_GRAD, 0, 0, j),
+                        it.act_cap(samples),
                         f"activation gradients of LLM microbatch {j} from stage {s + 1}",
                     )
                     t0 = time.perf_counter()
@@ -222,12 +239,34 @@ class LLMWorker:
                     mail.send(
                         [_grad(x) for x in inputs.pop(j)],
                         samples,
-                        self.rank_of(Role("llm", r, s - 1)),
+                        prev,
                         make_tag(ACT_GRAD, 0, 0, j),
+                        it.act_cap(samples),
+                        f"activation gradients of LLM microbatch {j} from stage {s}",
                     )
                 else:
                     self._return_embedding_grads(it, r, j, received, mail)
         return total
+
+    def _post_receives(
+        self, it: IterationPlan, mail: Mailbox, prev: int | None, nxt: int | None
+    ) -> None:
+        """Post every receive of the iteration up front: embeddings (first stage),
+        activations from the previous stage, gradients from the next."""
+        r = self.role.replica
+        for j in range(it.asg.microbatches):
+            samples = it.llm_mb.get((r, j), [])
+            if prev is None:
+                for e, rs, k in it.embed_sources(r, j):
+                    mail.expect(
+                        self.rank_of(Role(e, rs)),
+                        make_tag(EMBED, self.encoder_index[e], k, 0),
+                        it.embed_cap(e, it.sends_of(e, rs, k)[r]),
+                    )
+            else:
+                mail.expect(prev, make_tag(ACT, 0, 0, j), it.act_cap(samples))
+            if nxt is not None:
+                mail.expect(nxt, make_tag(ACT_GRAD, 0, 0, j), it.act_cap(samples))
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]
@@ -244,6 +283,8 @@ class LLMWorker:
                 us,
                 self.rank_of(Role(e, rs)),
                 make_tag(EMBED_GRAD, self.encoder_index[e], k, j),
+                it.embed_cap(e, us),
+                f"gradients of {e} microbatch {k} from LLM microbatch {j}",
             )
             for u in us:
                 received.pop((e, u), None)

@@ -11,6 +11,7 @@ import numpy as np
 
 from entrain.cost.batch import CostedBatch
 from entrain.models.spec import ModelSpec
+from entrain.runtime.comm import capacity
 from entrain.schedule.assignment import Assignment
 
 
@@ -40,6 +41,11 @@ class IterationPlan:
     """(encoder, replica, microbatch) -> unit indices."""
     llm_mb: dict[tuple[int, int], list[int]] = field(default_factory=dict)
     """(replica, microbatch) -> sample indices."""
+    unit_rows: dict[str, list[int]] = field(default_factory=dict)
+    """Per encoder and unit: rows of the tensor its encoder sends (LLM tokens when it
+    trains, its own positions when frozen and the projector runs on the LLM side)."""
+    seq_rows: list[int] = field(default_factory=list)
+    """Per sample: its LLM sequence length."""
 
     @staticmethod
     def build(
@@ -66,6 +72,13 @@ class IterationPlan:
             n_samples=batch.n_samples,
             units=units,
             prefix=prefix,
+            unit_rows={
+                e.name: (batch.units[e.name].tokens if e.frozen else batch.units[e.name].llm_tokens)
+                .astype(int)
+                .tolist()
+                for e in spec.encoders
+            },
+            seq_rows=batch.llm_tokens.astype(int).tolist(),
         )
         for e, refs in units.items():
             for u in refs:
@@ -76,6 +89,18 @@ class IterationPlan:
                 s
             )
         return plan
+
+    def embed_cap(self, encoder: str, units: list[int]) -> int:
+        """Bytes of a transfer of these units' embeddings (or their gradients), at most."""
+        enc = next(e for e in self.spec.encoders if e.name == encoder)
+        width = enc.encoder.hidden_size if enc.frozen else self.spec.llm.hidden_size
+        return capacity(len(units), [self.unit_rows[encoder][u] for u in units], width)
+
+    def act_cap(self, samples: list[int]) -> int:
+        """Bytes of a transfer of these samples' activations (or their gradients), at most."""
+        return capacity(
+            len(samples), [self.seq_rows[s] for s in samples], self.spec.llm.hidden_size
+        )
 
     def unit_dest(self, encoder: str, unit: int) -> tuple[int, int]:
         """(replica, LLM microbatch) of the sample the unit belongs to."""

@@ -21,8 +21,11 @@ def optimizer(params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
 
 
-def reference_params(cfg: TrainConfig, steps: int | None = None) -> dict[str, torch.Tensor]:
-    """Named parameters after `steps` optimizer steps (default cfg.steps)."""
+def reference_params(
+    cfg: TrainConfig, steps: int | None = None, grads: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Named parameters after `steps` optimizer steps (default cfg.steps); `grads`, when
+    given, receives for each weight its smallest nonzero gradient over the steps."""
     spec = spec_of(cfg)
     data = Dataset(cfg.data, spec)
     towers = {e.name: build_encoder(spec, e.name, cfg.seed) for e in spec.encoders}
@@ -54,6 +57,16 @@ def reference_params(cfg: TrainConfig, steps: int | None = None) -> dict[str, to
             lo = stage.loss(h, text) / norm
             total = lo if total is None else total + lo
         total.backward()
+        if grads is not None:  # per weight, its smallest nonzero gradient over the steps
+            for n, p in named.items():
+                if p.grad is None:
+                    continue
+                g = p.grad.clone()
+                if n in grads:
+                    prev = grads[n]
+                    smaller = (g.abs() < prev.abs()) & (g != 0) | (prev == 0)
+                    g = torch.where(smaller, g, prev)
+                grads[n] = g
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n: p.detach().clone() for n, p in named.items()}
