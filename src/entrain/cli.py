@@ -18,7 +18,7 @@ from rich.table import Table
 
 from entrain.cli_common import UserError, progress_bar, stdout_console
 from entrain.cli_plan import cmd_plan, cmd_simulate
-from entrain.cli_train import cmd_demo_data, cmd_runs, cmd_train
+from entrain.cli_train import cmd_demo_data, cmd_profile, cmd_runs, cmd_train
 from entrain.models.presets import PRESETS
 from entrain.schedule import POLICIES
 from entrain.workload.traces import GENERATORS
@@ -130,6 +130,20 @@ def _add_policies(parser: argparse.ArgumentParser, verb: str) -> None:
         metavar="POLICY",
         help=f"policies to {verb} (default: all of {', '.join(POLICIES)})",
     )
+
+
+def _lookahead(text: str) -> int | None | str:
+    if text in ("auto", "unlimited"):
+        return None if text == "unlimited" else text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, unlimited or N >= 0, got {text!r}"
+        ) from None
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"expected auto, unlimited or N >= 0, got {n}")
+    return None if n == -1 else n  # -1: unlimited, as before
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument(
         "--lookahead",
-        type=int,
-        default=1,
-        help="entrain: microbatches an encoder may run ahead of the LLM (default 1; "
-        "-1 for unlimited)",
+        type=_lookahead,
+        default="auto",
+        help="entrain: microbatches an encoder may run ahead of the LLM: N >= 0, unlimited, or "
+        "auto (default: with --profile the depth the simulator finds fastest, else 1)",
     )
     tr.add_argument("--pool", type=int, default=None, help="entrain: replicas sharing encoders")
     tr.add_argument(
@@ -283,9 +297,46 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-params", action="store_true", help="save parameters at the end (tests)")
     tr.add_argument("--pin-cores", action="store_true", help="pin each rank to its own CPU core")
     tr.add_argument(
+        "--profile",
+        default=None,
+        help="measured profile (entrain profile): balance measured seconds, not FLOPs",
+    )
+    tr.add_argument(
         "--nproc", type=int, default=None, help="launch torchrun with this many processes"
     )
     tr.set_defaults(func=cmd_train, argv=None)
+
+    pr = sub.add_parser(
+        "profile",
+        help="time the real modules here and fit the cost model (for --profile)",
+        description="Run the model's real modules on whole microbatches of varied sizes (drawn "
+        "from --data, or from a synthetic trace), time forward and backward apart, and "
+        "fit each module's cost a*x + b*x^2 + c0 per unit plus a constant per run by least "
+        "squares. With --nproc 2 or more, every process profiles at once (the machine is "
+        "as busy as in training) and two of them time real sends for the link. The "
+        "profile replaces the FLOPs model in simulate, plan and train (--profile).",
+    )
+    pr.add_argument("--model", default="tiny", help="model preset or spec file (default tiny)")
+    pr.add_argument("-o", "--output", default="profile.json", help="where to write the profile")
+    src = pr.add_mutually_exclusive_group()
+    src.add_argument("--data", help="manifest whose sample sizes to profile on (recommended)")
+    src.add_argument(
+        "--trace",
+        choices=list(GENERATORS),
+        help="synthetic trace to draw sizes from (default: omni with audio, else interleaved)",
+    )
+    pr.add_argument("--samples", type=int, default=256, help="trace samples (default 256)")
+    pr.add_argument(
+        "--runs", type=int, default=40, help="timed microbatches per module and process (40)"
+    )
+    pr.add_argument(
+        "--max-samples", type=int, default=8, help="most samples in a microbatch (default 8)"
+    )
+    pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pr.add_argument("--nproc", type=int, default=2, help="processes (default 2; 1 skips the link)")
+    pr.add_argument("--pin-cores", action="store_true", help="pin each process to its own core")
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON")
+    pr.set_defaults(func=cmd_profile, argv=None)
 
     dd = sub.add_parser(
         "demo-data",

@@ -38,6 +38,8 @@ TRAIN_FLAGS = (
     "pool",
     "timeout_s",
     "out",
+    "pin_cores",
+    "profile",
 )
 
 
@@ -119,3 +121,93 @@ def cmd_runs(args: argparse.Namespace, err: Console) -> int:
         )
     stdout_console().print(table)
     return 0
+
+
+def cmd_profile(args: argparse.Namespace, err: Console) -> int:
+    if args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.runs < 4:
+        raise UserError(f"--runs must be >= 4 (the fit has 4 terms), got {args.runs}")
+    if args.max_samples < 1:
+        raise UserError(f"--max-samples must be >= 1, got {args.max_samples}")
+    if "RANK" not in os.environ and args.nproc > 1:
+        return _launch_torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    from entrain.models.load import load_spec
+    from entrain.runtime.profile import ProfileConfig, profile_main
+
+    spec = load_spec(args.model)
+    workload, source = _profile_sizes(args, spec)
+    cfg = ProfileConfig(
+        model=args.model, runs=args.runs, max_samples=args.max_samples, seed=args.seed
+    )
+    profile = profile_main(cfg, spec, workload, pin_cores=args.pin_cores, console=err)
+    if profile is None:  # not rank 0
+        return 0
+    profile.host["sizes_from"] = source
+    profile.save(args.output)
+    if args.json:
+        print(json.dumps(profile.to_dict(), indent=2))
+        return 0
+    _print_profile(profile, args.output, source)
+    return 0
+
+
+def _profile_sizes(args: argparse.Namespace, spec):
+    """The sample sizes to profile on: the user's manifest, or a synthetic trace."""
+    if args.data:
+        from entrain.workload.manifest import read_manifest
+
+        return read_manifest(args.data), f"manifest {args.data}"
+    from entrain.workload.traces import generate_workload
+
+    kind = args.trace or (
+        "omni" if any(e.name == "audio" for e in spec.encoders) else "interleaved"
+    )
+    return generate_workload(kind, args.samples, seed=args.seed), f"synthetic trace {kind}"
+
+
+def _print_profile(profile, path: str, source: str) -> None:
+    con = stdout_console()
+    table = Table(title=f"measured costs of {profile.model} (seconds; x = tokens of a unit)")
+    for col in (
+        "module",
+        "pass",
+        "a (per token)",
+        "b (per token^2)",
+        "c0 (per unit)",
+        "per run",
+        "fit error (rms / max)",
+        "runs",
+    ):
+        table.add_column(col, justify="left" if col in ("module", "pass") else "right")
+    for section, fits in (("", profile.modules), (" projector", profile.llm_projectors)):
+        for m, kinds in fits.items():
+            for kind, f in kinds.items():
+                c = f.coeffs
+                table.add_row(
+                    m + section,
+                    kind,
+                    f"{c.a:.3g}",
+                    f"{c.b:.3g}",
+                    f"{c.c0:.3g}",
+                    f"{c.call:.3g}",
+                    f"{100 * f.rel_rms:.1f}% / {100 * f.max_rel:.1f}%",
+                    str(f.runs),
+                )
+    con.print(table)
+    steps = ", ".join(f"{m} {1e3 * s:.2f} ms" for m, s in profile.step.items())
+    con.print(f"optimizer step: {steps}")
+    con.print(
+        f"compute: {profile.flops / 1e9:,.1f} GFLOP/s achieved per process "
+        f"({profile.host.get('threads_per_process')} thread(s)); sizes from {source}"
+    )
+    if profile.p2p:
+        p = profile.p2p
+        con.print(
+            f"p2p between 2 of {profile.devices} processes: receive {1e3 * p.latency:.3f} ms + "
+            f"bytes / {p.bandwidth / 1e9:.2f} GB/s (fit error {100 * p.rel_rms:.1f}%), "
+            f"send {1e3 * p.send:.3f} ms"
+        )
+    else:
+        con.print("p2p: not measured (one process; use --nproc 2 or more)")
+    con.print(f"profile written to {path}; use it with --profile in simulate, plan and train")

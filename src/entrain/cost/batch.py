@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,6 +46,10 @@ class CostedBatch:
     llm_fwd: np.ndarray  # (N,) float64, forward cost of the sample on the LLM side
     llm_bwd: np.ndarray  # (N,) float64
     units: dict[str, UnitTable]  # encoder name -> its units
+    call_cost: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Module -> (forward, backward) cost of one run on a non-empty microbatch."""
+    step_cost: dict[str, float] = field(default_factory=dict)
+    """Module -> cost of its optimizer step, once per iteration."""
 
     @property
     def llm_cost(self) -> np.ndarray:
@@ -86,6 +90,8 @@ class CostedBatch:
             llm_fwd=np.concatenate([b.llm_fwd for b in batches]),
             llm_bwd=np.concatenate([b.llm_bwd for b in batches]),
             units=units,
+            call_cost=batches[0].call_cost,
+            step_cost=batches[0].step_cost,
         )
 
     def cost_matrix(self) -> np.ndarray:
@@ -153,4 +159,6 @@ def cost_batch(workload: Workload, spec: ModelSpec, model: CostModel | None = No
         llm_fwd=llm.forward(llm_tokens) + proj_fwd,
         llm_bwd=llm.backward(llm_tokens) + proj_bwd,
         units=units,
+        call_cost={m: (c.forward.call, c.backward.call) for m, c in model.modules.items()},
+        step_cost=dict(model.step),
     )

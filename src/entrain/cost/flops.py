@@ -18,11 +18,18 @@ from entrain.models.spec import AudioSpec, ModelSpec, TransformerSpec, VisionSpe
 
 @dataclass(frozen=True)
 class CostCoeffs:
-    """Cost of one unit with x tokens: a*x + b*x^2 + c0."""
+    """Cost of one unit with x tokens: a*x + b*x^2 + c0.
+
+    `call` is the fixed cost of one run of the module on a non-empty microbatch, whatever is
+    in it (kernel launches, Python, a mask built once): zero in the FLOPs model, real in a
+    measured profile. Balancing ignores it (every microbatch pays it alike); the simulator
+    charges it once per action.
+    """
 
     a: float
     b: float = 0.0
     c0: float = 0.0
+    call: float = 0.0
 
     def __call__(self, x: np.ndarray | float) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -67,6 +74,9 @@ class CostModel:
     modules: dict[str, ModuleCost]
     llm_projectors: dict[str, ModuleCost] = field(default_factory=dict)
     unit: str = "flop"
+    step: dict[str, float] = field(default_factory=dict)
+    """Per iteration: the optimizer step of each module group, on one device holding all of
+    it (measured profiles only; the FLOPs model leaves it out)."""
 
     def __getitem__(self, module: str) -> ModuleCost:
         return self.modules[module]

@@ -29,8 +29,16 @@ class Hardware:
     """Bytes/s one GPU sends across nodes (its NIC share)."""
     latency: float = 10e-6
     """Seconds added to every point-to-point transfer."""
+    send_cost: float = 0.0
+    """Seconds a send occupies the sender (packing, posting); charged with blocking p2p."""
     tp_scaling: float = 0.92
     """Efficiency kept per doubling of tensor parallelism (its all-reduces cost time)."""
+    bytes_per_value: int = 2
+    """Bytes of one activation, embedding or gradient value on the wire (bf16; the CPU
+    runtime sends fp32)."""
+    blocking_p2p: bool = False
+    """True when a receive occupies the receiving device (gloo on CPU: the copy runs on the
+    core that waits for it); False when transfers overlap compute (NCCL on its own stream)."""
 
     def __post_init__(self) -> None:
         for name in ("peak_flops", "efficiency", "memory_bytes", "intra_node_bw", "inter_node_bw"):

@@ -27,7 +27,7 @@ from entrain.plan.memory import plan_memory
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
-from entrain.sim.simulator import BYTES_PER_VALUE, SimResult, simulate
+from entrain.sim.simulator import SimResult, simulate
 
 
 @dataclass(kw_only=True)
@@ -206,7 +206,7 @@ def estimate_time(
     if D > 1:
         params = module_params(spec)
         link = hw.link(plan.world_size <= hw.gpus_per_node)
-        t += 2 * (D - 1) / D * params["llm"] / (P * plan.llm_tp) * BYTES_PER_VALUE / link
+        t += 2 * (D - 1) / D * params["llm"] / (P * plan.llm_tp) * hw.bytes_per_value / link
     return t
 
 

@@ -82,3 +82,28 @@ def simulate_policies(
             if b != p
         }
     return out, events
+
+
+def choose_lookahead(
+    spec: ModelSpec,
+    batches: list[CostedBatch],
+    plan: ParallelPlan,
+    hw: Hardware,
+    pool: int | None = None,
+    candidates: tuple[int | None, ...] = (0, 1, 2, None),
+) -> tuple[int | None, dict]:
+    """Entrain's deferral depth for a fixed plan: the candidate with the least simulated
+    time over `batches` (ties go to the shallower, which holds fewer embeddings).
+    `batches` are costed in seconds (a measured profile). Returns (depth, {depth: time})."""
+    from entrain.schedule import assign
+    from entrain.sim.simulator import simulate
+
+    times = {}
+    for a in candidates:
+        times[a] = sum(
+            simulate(b, assign("entrain", b, plan.dp, plan.microbatches, a, pool), spec, plan, hw,
+                     "s").iter_time
+            for b in batches
+        )  # fmt: skip
+    best = min(candidates, key=lambda a: (round(times[a], 9), 99 if a is None else a))
+    return best, times

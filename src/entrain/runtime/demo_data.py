@@ -26,8 +26,8 @@ COLOURS = {
 SHAPES = ("circle", "square", "stripe")
 
 
-def _image(rng: np.random.Generator, path: Path) -> str:
-    h, w = (int(x) for x in rng.integers(40, 240, size=2))
+def _image(rng: np.random.Generator, path: Path, sides: tuple[int, int]) -> str:
+    h, w = (int(x) for x in rng.integers(sides[0], sides[1], size=2))
     colour = str(rng.choice(list(COLOURS)))
     shape = str(rng.choice(SHAPES))
     img = Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 60, size=3)))
@@ -57,10 +57,29 @@ def _wav(rng: np.random.Generator, path: Path) -> str:
     return f"a tone at {int(tone)} hertz"
 
 
+DETAILS = (
+    "the shape sits in the middle of the frame",
+    "its edges are sharp and the fill is even",
+    "the background is dark and plain",
+    "nothing else is drawn around it",
+)
+
+
 def make_demo_data(
-    root: str | Path, n: int, seed: int = 0, audio_share: float = 0.3, vocab: int = 512
+    root: str | Path,
+    n: int,
+    seed: int = 0,
+    audio_share: float = 0.3,
+    vocab: int = 512,
+    long_text: float = 0.0,
+    sides: tuple[int, int] = (40, 240),
 ) -> Path:
-    """Write `n` samples under `root` (images/, audio/, manifest.jsonl); returns the manifest."""
+    """Write `n` samples under `root` (images/, audio/, manifest.jsonl); returns the manifest.
+
+    `long_text` is the share of samples whose caption goes on with a long description, so
+    that LLM work varies independently of the images (as in instruction data, where a
+    short answer and a long one can come with the same picture); `sides` bounds the image
+    heights and widths in pixels."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -72,7 +91,7 @@ def make_demo_data(
         images, audio, said = [], [], []
         for k in range(int(rng.choice([0, 1, 1, 2, 3]))):
             p = root / "images" / f"{sid}-{k}.png"
-            said.append(_image(rng, p))
+            said.append(_image(rng, p, sides))
             images.append(p)
         if rng.random() < audio_share:
             p = root / "audio" / f"{sid}.wav"
@@ -80,6 +99,10 @@ def make_demo_data(
             audio.append(p)
         filler = " and".join([""] * int(rng.integers(0, 4)))
         text = "this shows " + ", then ".join(said or ["nothing at all"]) + filler + "."
+        if rng.random() < long_text:
+            text += "".join(
+                f" {DETAILS[i % len(DETAILS)]}." for i in range(int(rng.integers(2, 9)))
+            )
         rec = Record(id=sid, line=i + 1, text=text, images=images, audio=audio)
         entry = manifest_line(rec, tok)
         entry["files"] = {

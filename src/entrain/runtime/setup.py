@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from entrain.cost.batch import CostedBatch, cost_batch
+from entrain.cost.flops import CostModel
+from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import load_spec
 from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
 from entrain.runtime.inputs import (
@@ -25,7 +27,8 @@ from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.tokenizer import ByteTokenizer
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
-from entrain.workload.columnar import Workload
+from entrain.schedule.parallel import ParallelPlan
+from entrain.workload.columnar import Workload, batch_indices
 from entrain.workload.manifest import read_manifest
 
 
@@ -53,10 +56,12 @@ class TrainConfig:
     seed: int = 0
     shuffle: bool = True
     """Shuffle the samples every epoch (seeded by seed and epoch)."""
-    lookahead: int | None = 1
-    """Entrain: microbatches an encoder may run ahead of the LLM (None: unlimited). One is
-    what the planner picks for trained encoders in most plans: a deeper run-ahead delays
-    the encoder's backward until the LLM's backward of a later microbatch."""
+    lookahead: int | None | str = "auto"
+    """Entrain: microbatches an encoder may run ahead of the LLM (None: unlimited). A deeper
+    run-ahead balances more but delays the encoder's backward until the LLM's backward of a
+    later microbatch, and leaves more encoder backwards for the end of the step. "auto":
+    with a profile, the depth the simulator finds fastest on the first batches of the
+    data; without one, 1 (what the planner picks for trained encoders in most plans)."""
     pool: int | None = None
     """Entrain: replicas whose encoders share units (None: all)."""
     timeout_s: float = 300.0
@@ -69,6 +74,9 @@ class TrainConfig:
     """Write every rank's parameters after the last step (used by the equivalence tests)."""
     pin_cores: bool = False
     """Pin each local rank to its own CPU core (steadier CPU timings)."""
+    profile: str | None = None
+    """A measured profile (`entrain profile`): the assignment balances measured seconds
+    instead of FLOPs."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "microbatches", "dp"):
@@ -76,6 +84,10 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        ok = self.lookahead is None or self.lookahead == "auto"
+        ok = ok or (isinstance(self.lookahead, int) and self.lookahead >= 0)
+        if not ok:
+            raise ValueError(f"--lookahead must be auto, unlimited or >= 0, got {self.lookahead!r}")
         if self.global_batch % self.dp:
             raise ValueError(
                 f"--global-batch {self.global_batch} is not divisible by --dp {self.dp}"
@@ -107,18 +119,7 @@ class Dataset:
 
     def batch_order(self, step: int, global_batch: int, seed: int, shuffle: bool) -> np.ndarray:
         """Sample indices of a step: epochs of a seeded permutation, whole batches only."""
-        per_epoch = len(self) // global_batch
-        if per_epoch == 0:
-            raise ValueError(
-                f"the data has {len(self)} samples, fewer than one global batch ({global_batch})"
-            )
-        epoch, i = divmod(step, per_epoch)
-        order = (
-            np.random.default_rng([seed, epoch]).permutation(len(self))
-            if shuffle
-            else np.arange(len(self))
-        )
-        return order[i * global_batch : (i + 1) * global_batch]
+        return batch_indices(len(self), step, global_batch, seed, shuffle)
 
     def text(self, index: int) -> torch.Tensor:
         return self._text[index]
@@ -166,10 +167,16 @@ class Step:
     plan: IterationPlan
 
 
-def make_step(data: Dataset, cfg: TrainConfig, step: int, llm_stages: int) -> Step:
+def make_step(
+    data: Dataset,
+    cfg: TrainConfig,
+    step: int,
+    llm_stages: int,
+    cost_model: CostModel | None = None,
+) -> Step:
     indices = data.batch_order(step, cfg.global_batch, cfg.seed, cfg.shuffle)
     w = data.workload.take(indices)
-    batch = cost_batch(w, data.spec)
+    batch = cost_batch(w, data.spec, cost_model)
     asg = assign(cfg.policy, batch, cfg.dp, cfg.microbatches, cfg.lookahead, cfg.pool)
     plan = IterationPlan.build(batch, asg, data.spec, llm_stages, item_locator(w))
     return Step(indices, batch, asg, plan)
@@ -196,3 +203,36 @@ def encode_units(
 
 def spec_of(cfg: TrainConfig) -> ModelSpec:
     return load_spec(cfg.model)
+
+
+def profile_of(cfg: TrainConfig, spec: ModelSpec) -> Profile | None:
+    """The run's measured profile, checked against its model (None: the FLOPs model)."""
+    if cfg.profile is None:
+        return None
+    profile = load_profile(cfg.profile)
+    profile.check_spec(spec, cfg.profile)
+    return profile
+
+
+def resolve_lookahead(
+    cfg: TrainConfig, data: Dataset, profile: Profile | None, plan: ParallelPlan, batches: int = 3
+) -> int | None:
+    """The lookahead the run uses. "auto" asks the simulator, with the run's profile, which
+    depth is fastest on the first `batches` global batches of the data under the run's plan
+    (every rank computes the same answer from the same inputs)."""
+    if cfg.lookahead != "auto":
+        return cfg.lookahead
+    if cfg.policy != "entrain":
+        return None  # only entrain defers
+    if profile is None:
+        return 1
+    from entrain.plan.run import choose_lookahead
+
+    model = profile.cost_model()
+    n = min(batches, len(data) // cfg.global_batch)
+    costed = [
+        cost_batch(data.workload.take(data.batch_order(i, cfg.global_batch, cfg.seed, cfg.shuffle)),
+                   data.spec, model)
+        for i in range(n)
+    ]  # fmt: skip
+    return choose_lookahead(data.spec, costed, plan, profile.hardware(), cfg.pool)[0]

@@ -9,6 +9,7 @@ step's gradient does not depend on how samples were placed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -23,7 +24,15 @@ from entrain.runtime.comm import Mailbox
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats, roles
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
-from entrain.runtime.setup import Dataset, TrainConfig, encode_units, make_step, spec_of
+from entrain.runtime.setup import (
+    Dataset,
+    TrainConfig,
+    encode_units,
+    make_step,
+    profile_of,
+    resolve_lookahead,
+    spec_of,
+)
 from entrain.schedule.parallel import ParallelPlan
 
 
@@ -46,6 +55,11 @@ class Trainer:
         self.role = self.roles[rank]
         self.rank_of = {r: i for i, r in enumerate(self.roles)}.__getitem__
         self.data = Dataset(cfg.data, self.spec)
+        profile = profile_of(cfg, self.spec)
+        self.cost_model = profile.cost_model() if profile else None
+        self.cfg = cfg = dataclasses.replace(
+            cfg, lookahead=resolve_lookahead(cfg, self.data, profile, self.plan)
+        )
         self.mail = Mailbox(datetime.timedelta(seconds=cfg.timeout_s))
         self.named: dict[str, torch.nn.Parameter] = {}
         self._build()
@@ -120,7 +134,7 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         cfg = self.cfg
-        self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp)
+        self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp, self.cost_model)
         norm = loss_tokens(self.data, st.indices)
         stats = StepStats()
         dist.barrier()
@@ -186,6 +200,14 @@ def _projector_prefix(tower) -> str:
     raise AssertionError("tower without a projector")
 
 
+def pin_to_core(rank: int) -> None:
+    """Run this process on one core of its own (by local rank): timings on a small shared
+    machine stop depending on where the scheduler puts each rank."""
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", rank)) % len(cores)]})
+
+
 def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
     if not dist.is_initialized():
@@ -193,13 +215,22 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.pin_cores and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", rank)) % len(cores)]})
+    if cfg.pin_cores:
+        pin_to_core(rank)
     trainer = Trainer(cfg, rank, world)
     out = Path(cfg.out) if cfg.out else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        # what `entrain runs --profile` needs to replay the run in the simulator
+        run_info = {
+            **dataclasses.asdict(trainer.cfg),
+            "plan": trainer.plan.to_dict(),
+            "world": world,
+        }
+        for key in ("data", "profile", "model"):  # replayable from any directory
+            if run_info[key] and os.path.exists(run_info[key]):
+                run_info[key] = os.path.abspath(run_info[key])
+        (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
     dist.barrier()
     history = []
     bar = _progress(cfg.steps) if (progress and rank == 0) else None

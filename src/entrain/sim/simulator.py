@@ -9,7 +9,11 @@ the device is free and every input has arrived:
 - LLM stage s > 0 forward needs stage s-1's forward and the activation transfer;
 - a backward needs the next stage's backward and the gradient transfer; an encoder's
   backward needs the gradients of every LLM microbatch that used its units.
-Deferral is therefore waiting, not magic. After the last backward of a module, its gradients
+Deferral is therefore waiting, not magic. Transfers are what the runtime sends: one message
+of embeddings per (encoder microbatch, LLM replica), taken by the first LLM microbatch that
+needs it; gradients per (encoder microbatch, LLM microbatch); activations per microbatch and
+stage. A transfer delays its receiver, or, where receives are blocking (gloo on CPU), it is
+part of the receiver's busy time. After the last backward of a module, its gradients
 are all-reduced across replicas (ring). The whole iteration is a longest path in a DAG,
 computed in one topological pass.
 """
@@ -29,8 +33,6 @@ from entrain.schedule.assignment import Assignment
 from entrain.schedule.metrics import deferred_tokens
 from entrain.schedule.parallel import ParallelPlan
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
-
-BYTES_PER_VALUE = 2  # bf16 activations, embeddings and gradients
 
 
 @dataclass
@@ -80,6 +82,16 @@ class _Graph:
     def edge(self, a: int, b: int, lat: float = 0.0) -> None:
         self.succ[a].append((b, lat))
         self.indeg[b] += 1
+
+    def transfer(self, a: int, b: int, lat: float, hw: Hardware) -> None:
+        """`b` needs data `a` produced, `lat` seconds in transit: a wait, or with blocking
+        p2p, busy time of `b`'s device (and the send, of `a`'s)."""
+        if hw.blocking_p2p:
+            self.dur[a] += hw.send_cost
+            self.dur[b] += lat
+            self.edge(a, b)
+        else:
+            self.edge(a, b, lat)
 
     def longest_path(self) -> tuple[np.ndarray, np.ndarray]:
         """Start and finish time of every node (Kahn's algorithm)."""
@@ -150,6 +162,7 @@ def simulate(
     B = D * M
     same_node = plan.gpus_per_replica <= hw.gpus_per_node
     link = hw.link(same_node)
+    value_bytes = hw.bytes_per_value
     g = _Graph()
     names: list[str] = []
     gpus: list[int] = []
@@ -162,9 +175,13 @@ def simulate(
     # ---- LLM stages: 1F1B per replica
     llm_bin = asg.llm_bin()
     tok_bin = _bin_sum(llm_bin, batch.llm_tokens.astype(np.float64), B)
-    f_llm = _seconds(_bin_sum(llm_bin, batch.llm_fwd, B) / P, cost_unit, hw, plan.llm_tp)
-    b_llm = _seconds(_bin_sum(llm_bin, batch.llm_bwd, B) / P, cost_unit, hw, plan.llm_tp)
-    act_lat = tok_bin * spec.llm.hidden_size * BYTES_PER_VALUE / plan.llm_tp / link + hw.latency
+    runs = tok_bin > 0
+    call_f, call_b = batch.call_cost.get("llm", (0.0, 0.0))
+    f_llm = _bin_sum(llm_bin, batch.llm_fwd, B) + call_f * runs
+    b_llm = _bin_sum(llm_bin, batch.llm_bwd, B) + call_b * runs
+    f_llm = _seconds(f_llm / P, cost_unit, hw, plan.llm_tp)
+    b_llm = _seconds(b_llm / P, cost_unit, hw, plan.llm_tp)
+    act_lat = tok_bin * spec.llm.hidden_size * value_bytes / plan.llm_tp / link + hw.latency
     F = np.zeros((P, B), dtype=np.int64)  # node id of forward of stage s, bin j
     Bk = np.zeros((P, B), dtype=np.int64)
     for r in range(D):
@@ -181,8 +198,8 @@ def simulate(
                 prev = node
     for j in range(B):
         for s in range(1, P):
-            g.edge(int(F[s - 1, j]), int(F[s, j]), float(act_lat[j]))
-            g.edge(int(Bk[s, j]), int(Bk[s - 1, j]), float(act_lat[j]))
+            g.transfer(int(F[s - 1, j]), int(F[s, j]), float(act_lat[j]), hw)
+            g.transfer(int(Bk[s, j]), int(Bk[s - 1, j]), float(act_lat[j]), hw)
         g.edge(int(F[P - 1, j]), int(Bk[P - 1, j]))
 
     # ---- encoders: decoupled microbatches feeding LLM stage 0 of any replica
@@ -191,8 +208,10 @@ def simulate(
         u = batch.units[enc.name]
         tp, copies = plan.encoder_tp[enc.name], plan.encoder_dp.get(enc.name, 1)
         ebin = asg.unit_bin(enc.name)
-        f_enc = _seconds(_split(ebin, u.fwd, B, copies), cost_unit, hw, tp)
-        b_enc = _seconds(_split(ebin, u.bwd, B, copies), cost_unit, hw, tp)
+        runs = np.bincount(ebin, minlength=B) > 0
+        call_f, call_b = batch.call_cost.get(enc.name, (0.0, 0.0))
+        f_enc = _seconds(_split(ebin, u.fwd, B, copies) + call_f * runs, cost_unit, hw, tp)
+        b_enc = _seconds(_split(ebin, u.bwd, B, copies) + call_b * runs, cost_unit, hw, tp)
         trains = bool(u.bwd.sum() > 0) or not enc.frozen
         # LLM microbatch of each unit's sample; the last one each encoder bin feeds
         ubin = llm_bin[u.sample]
@@ -210,15 +229,29 @@ def simulate(
                 if prev is not None:
                     g.edge(prev, node)
                 prev = node
-        # one edge per (encoder bin, LLM bin) pair, weighted by the embedding bytes it carries
+        # a trained encoder sends LLM-width embeddings; a frozen one its trunk's states
+        values = (
+            u.llm_tokens * spec.llm.hidden_size if trains else u.tokens * enc.encoder.hidden_size
+        ).astype(np.float64)
         pair, inv = np.unique(ebin * B + ubin, return_inverse=True)
-        tokens = np.bincount(inv, weights=u.llm_tokens.astype(np.float64))
-        lat = tokens * spec.llm.hidden_size * BYTES_PER_VALUE / link + hw.latency
+        pair_lat = np.bincount(inv, weights=values) * value_bytes / link + hw.latency
         src, dst = np.divmod(pair, B)
-        for a, b, t in zip(src.tolist(), dst.tolist(), lat.tolist()):
-            g.edge(int(eF[a]), int(F[0, b]), t)
-            if trains:
-                g.edge(int(Bk[0, b]), int(eB[a]), t)
+        # embeddings: one message per (encoder bin, LLM replica), all of it there when the
+        # first LLM microbatch of the replica that needs it starts
+        msg, msg_inv = np.unique(src * D + dst // M, return_inverse=True)
+        msg_lat = np.bincount(msg_inv, weights=np.bincount(inv, weights=values)) * value_bytes
+        msg_lat = msg_lat / link + hw.latency
+        first = np.full(len(msg), B, dtype=np.int64)
+        np.minimum.at(first, msg_inv, dst)
+        for a, b, m in zip(src.tolist(), dst.tolist(), msg_inv.tolist()):
+            if b == first[m]:
+                g.transfer(int(eF[a]), int(F[0, b]), float(msg_lat[m]), hw)
+            else:
+                g.edge(int(eF[a]), int(F[0, b]))  # received along with the first
+        # gradients: one message per (encoder bin, LLM bin)
+        if trains:
+            for a, b, t in zip(src.tolist(), dst.tolist(), pair_lat.tolist()):
+                g.transfer(int(Bk[0, b]), int(eB[a]), t, hw)
         finish_groups[enc.name] = [int(x) for x in (eB if trains else eF)]
 
     start, finish = g.longest_path()
@@ -233,8 +266,10 @@ def simulate(
         done = float(finish[nodes].max(initial=0.0))
         n_rep = replicas[m]
         if trains_mod.get(m, True) and n_rep > 1:
-            grad_bytes = params[m] / shards[m] * BYTES_PER_VALUE
+            grad_bytes = params[m] / shards[m] * value_bytes
             done += 2 * (n_rep - 1) / n_rep * grad_bytes / dp_link
+        if trains_mod.get(m, True):
+            done += _seconds(np.float64(batch.step_cost.get(m, 0.0)) / shards[m], cost_unit, hw, 1)
         end = max(end, done)
     dur = np.asarray(g.dur)
     dev_of = np.asarray(g.device)

@@ -126,3 +126,15 @@ class Workload:
                 value = row[0] if m == "audio" else [int(v) for v in row]
                 recs[s].setdefault(m, []).append(value)
         return recs
+
+
+def batch_indices(n: int, step: int, global_batch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """Sample indices of training step `step`: epochs of a seeded permutation of n samples,
+    whole global batches only. The runtime trains on these and the replay simulator (which
+    must not need torch) rebuilds them."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the data has {n} samples, fewer than one global batch ({global_batch})")
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    return order[i * global_batch : (i + 1) * global_batch]

@@ -1,0 +1,92 @@
+"""Does the simulator predict the real runtime? Profile the tiny model on this machine, train
+it with every policy for real (CPU, gloo, 2 ranks each pinned to a core, the assignment
+balancing the profile's measured costs), replay every step of every run in the simulator
+with the same profile, and compare median iteration times; also the measured throughput
+of entrain against each baseline.
+
+Runs are interleaved over rounds so that drift of a shared machine hits every policy
+alike. Steps of the first epoch are left out of both medians: they decode the PNG files
+(later epochs hit the cache), which the simulator does not model.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from entrain.runtime.demo_data import make_demo_data
+from entrain.sim.replay import replay_run
+
+POLICIES = ("sequential", "llm-balanced", "encoder-rebalance", "entrain")
+ROUNDS, STEPS, SAMPLES, GLOBAL_BATCH, MICROBATCHES = 3, 24, 256, 32, 8
+EPOCH = SAMPLES // GLOBAL_BATCH
+SPEC = Path(__file__).with_name("tiny-vision.yaml")
+
+
+def entrain(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "entrain", *args], check=True, capture_output=True)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        manifest = make_demo_data(tmp / "data", SAMPLES, seed=2, audio_share=0.0)
+        profile = tmp / "profile.json"
+        entrain(
+            "profile", "--model", str(SPEC), "--data", str(manifest), "--nproc", "2",
+            "--pin-cores", "-o", str(profile),
+        )  # fmt: skip
+        measured = {p: [] for p in POLICIES}
+        simulated = {p: [] for p in POLICIES}
+        for r in range(ROUNDS):
+            for p in POLICIES:
+                out = tmp / f"{p}-{r}"
+                entrain(
+                    "train", "--model", str(SPEC), "--data", str(manifest), "--policy", p,
+                    "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
+                    "--microbatches", str(MICROBATCHES), "--nproc", "2", "--pin-cores",
+                    "--profile", str(profile), "--out", str(out),
+                )  # fmt: skip
+                rep = replay_run(out, warmup=EPOCH)
+                measured[p] += [s.measured for s in rep.steady]
+                simulated[p] += [s.simulated for s in rep.steady]
+        prof = json.loads(profile.read_text())
+    meas = {p: statistics.median(v) for p, v in measured.items()}
+    sim = {p: statistics.median(v) for p, v in simulated.items()}
+    print(
+        f"tiny-vision on this CPU, 2 ranks (gloo, pinned), global batch {GLOBAL_BATCH} in "
+        f"{MICROBATCHES} microbatches; {ROUNDS} rounds x {STEPS - EPOCH} steps after the "
+        f"first epoch; profile fit error (rms) "
+        + ", ".join(
+            f"{m} {k[0]} {100 * f['rel_rms']:.0f}%"
+            for m, kinds in prof["modules"].items()
+            for k, f in kinds.items()
+        )
+    )
+    print(f"{'policy':18s} {'measured (s)':>12s} {'simulated (s)':>13s} {'error':>7s}")
+    worst = 0.0
+    for p in POLICIES:
+        err = (sim[p] - meas[p]) / meas[p]
+        worst = max(worst, abs(err))
+        print(f"{p:18s} {meas[p]:12.4f} {sim[p]:13.4f} {100 * err:+6.1f}%")
+    rank_meas = sorted(POLICIES, key=meas.get)
+    rank_sim = sorted(POLICIES, key=sim.get)
+    print(f"worst error {100 * worst:.1f}% (target 10%)")
+    print(f"ranking, fastest first: measured {' < '.join(rank_meas)}")
+    print(f"                        simulated {' < '.join(rank_sim)}")
+    print(f"rankings match: {rank_meas == rank_sim}")
+    for p in POLICIES:
+        if p != "entrain":
+            print(
+                f"measured throughput entrain / {p}: {meas[p] / meas['entrain']:.3f} "
+                f"(simulated {sim[p] / sim['entrain']:.3f})"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
