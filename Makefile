@@ -17,14 +17,17 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	rm -rf $(OUT)/demo $(OUT)/train-entrain $(OUT)/train-sequential
+	rm -rf $(OUT)/demo $(OUT)/profile.json $(OUT)/train-entrain $(OUT)/train-sequential
 	$(VENV)/bin/entrain demo-data -o $(OUT)/demo --n 128
 	@echo "== how uneven are the microbatches of this data (tiny model, 1 replica, 4 microbatches)"
 	$(VENV)/bin/entrain analyze $(OUT)/demo/manifest.jsonl --model tiny --dp 1 --microbatches 4 --global-batch 16
+	@echo "== measuring the real modules on this machine (3 processes, as in training)"
+	$(VENV)/bin/entrain profile --data $(OUT)/demo/manifest.jsonl --nproc 3 -o $(OUT)/profile.json
 	@echo "== training for real: 3 CPU processes (vision encoder, audio encoder, LLM), gloo"
-	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy entrain --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --out $(OUT)/train-entrain --trace
-	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy sequential --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --out $(OUT)/train-sequential
-	$(VENV)/bin/entrain runs $(OUT)/train-sequential $(OUT)/train-entrain
+	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy entrain --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --profile $(OUT)/profile.json --out $(OUT)/train-entrain --trace
+	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy sequential --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --profile $(OUT)/profile.json --out $(OUT)/train-sequential
+	@echo "== measured, and the simulator's replay of the same steps with the profile"
+	$(VENV)/bin/entrain runs $(OUT)/train-sequential $(OUT)/train-entrain --simulate
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -34,7 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sim.py
 	$(PY) benchmarks/regimes.py
 	$(PY) benchmarks/sim_eval.py
-	$(PY) benchmarks/bench_runtime.py
+	$(PY) benchmarks/sim_vs_real.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
             "--hardware", default="h100", help="hardware profile: h100, h200, a100 (default h100)"
         )
         sp.add_argument(
+            "--profile",
+            default=None,
+            help="measured profile (entrain profile): its seconds and machine replace the "
+            "FLOPs model and --hardware",
+        )
+        sp.add_argument(
             "--global-batch",
             type=int,
             default=None,
@@ -254,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.set_defaults(func=cmd_simulate)
     tr = sub.add_parser(
         "train",
-        help="train for real with torchrun (gloo on CPU, NCCL on GPU)",
+        help="train for real with torchrun (gloo, modules on the CPU for now)",
         description="Train a model on a training manifest (sizes, text and files of every sample) "
         "with real Hugging Face modules: each encoder on its own rank, the LLM as "
         "pipeline stages, times data-parallel replicas. Run it under torchrun, or pass "
@@ -352,9 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     ru = sub.add_parser(
         "runs",
         help="compare training runs (throughput, loss)",
-        description="Summarize the metrics.jsonl of training runs side by side.",
+        description="Summarize the metrics.jsonl of training runs side by side; with --simulate "
+        "or --profile, also set each run's measured iteration time against the simulator's "
+        "replay of the same steps (same batches, same assignment).",
     )
     ru.add_argument("runs", nargs="+", help="run directories (entrain train --out DIR)")
+    ru.add_argument(
+        "--warmup", type=int, default=2, help="steps left out of the medians (default 2)"
+    )
+    ru.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also replay every step in the simulator with the profile each run trained with",
+    )
+    ru.add_argument(
+        "--profile",
+        default=None,
+        help="replay with this profile instead (implies --simulate)",
+    )
     ru.add_argument("--json", action="store_true", help="print JSON")
     ru.set_defaults(func=cmd_runs)
     return p

@@ -22,9 +22,16 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
     spec = load_spec(args.model)
     hw = get_hardware(args.hardware)
+    model, unit = None, "flop"
+    if args.profile:  # measured seconds and the measured machine instead of FLOPs
+        from entrain.cost.profile import load_profile
+
+        profile = load_profile(args.profile)
+        profile.check_spec(spec, args.profile)
+        model, unit, hw = profile.cost_model(), "s", profile.hardware(fallback=hw)
     gb = args.global_batch or 16 * args.gpus
     with progress_bar("reading samples", args.iterations * gb, err) as advance:
-        batches = load_batches(args.manifest, spec, gb, args.iterations)
+        batches = load_batches(args.manifest, spec, gb, args.iterations, cost_model=model)
         advance(sum(b.n_samples for b in batches))
     cfg = PlannerConfig(
         gpus=args.gpus,
@@ -32,15 +39,15 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
         microbatch_samples=args.microbatch_size,
         policy=getattr(args, "policy", "entrain"),
     )
-    return spec, hw, batches, cfg
+    return spec, hw, batches, cfg, unit
 
 
 def cmd_plan(args: argparse.Namespace, err: Console) -> int:
     from entrain.plan.run import run_plan
 
-    spec, hw, batches, cfg = _planner_inputs(args, err)
+    spec, hw, batches, cfg, unit = _planner_inputs(args, err)
     with progress_bar("simulating plans", None, err) as advance:
-        _, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
+        _, res = run_plan(spec, batches, hw, cfg, unit, on_progress=advance)
     out = {
         "model": spec.name,
         "hardware": hw.name,
@@ -102,16 +109,16 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
     from entrain.plan.run import run_plan, simulate_policies
     from entrain.report.trace import write_chrome_trace
 
-    spec, hw, batches, cfg = _planner_inputs(args, err)
+    spec, hw, batches, cfg, unit = _planner_inputs(args, err)
     if args.plan:
         plan = _load_plan(args.plan)
         plan.check_modules(tuple(e.name for e in spec.encoders))
         if plan.world_size != cfg.gpus:
             raise UserError(f"the plan uses {plan.world_size} GPUs but --gpus is {cfg.gpus}")
-        planner = Planner(spec, batches, hw, cfg)
+        planner = Planner(spec, batches, hw, cfg, unit)
     else:
         with progress_bar("planning", None, err) as advance:
-            planner, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
+            planner, res = run_plan(spec, batches, hw, cfg, unit, on_progress=advance)
         plan = res.static.plan
     policies = tuple(dict.fromkeys(args.policies))
     trace_policy = "entrain" if "entrain" in policies else policies[0]

@@ -103,22 +103,42 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
 def cmd_runs(args: argparse.Namespace, err: Console) -> int:
     from entrain.report.runs import summarize
 
-    rows = [summarize(d) for d in args.runs]
+    if args.warmup < 0:
+        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
+    rows = [summarize(d, args.warmup) for d in args.runs]
+    if args.profile or args.simulate:
+        from entrain.sim.replay import replay_run
+
+        for r in rows:
+            rep = replay_run(r["run"], args.profile, args.warmup)
+            r.update(measured_iter_time=rep.measured, simulated_iter_time=rep.simulated)
+            r["simulation_error"] = rep.error
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title="training runs (medians after 2 warm-up steps)")
-    for col in ("run", "steps", "samples/s", "tokens/s", "loss first -> last", "vs first run"):
+    sim = "simulated_iter_time" in rows[0]
+    table = Table(title=f"training runs (medians after {args.warmup} warm-up steps)")
+    cols = ["run", "steps", "samples/s", "tokens/s", "loss first -> last", "vs first run"]
+    if sim:
+        cols += ["iter time (s)", "simulated (s)", "error"]
+    for col in cols:
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in rows:
-        table.add_row(
+        cells = [
             r["run"],
             str(r["steps"]),
             f"{r['samples_per_s']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
             f"{r['samples_per_s'] / rows[0]['samples_per_s']:.3f}x",
-        )
+        ]
+        if sim:
+            cells += [
+                f"{r['measured_iter_time']:.4f}",
+                f"{r['simulated_iter_time']:.4f}",
+                f"{100 * r['simulation_error']:+.1f}%",
+            ]
+        table.add_row(*cells)
     stdout_console().print(table)
     return 0
 

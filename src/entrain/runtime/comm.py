@@ -100,8 +100,9 @@ class Mailbox:
         message of at most `cap` bytes."""
         msg = _pack(tensors, meta)
         if msg.numel() > cap:
+            rank = dist.get_rank() if dist.is_initialized() else 0
             raise TransferTooLarge(
-                f"rank {dist.get_rank()}: {what} is {msg.numel()} bytes, more than the "
+                f"rank {rank}: {what} is {msg.numel()} bytes, more than the "
                 f"{cap} the plan allows; do the files match the sizes in the manifest?"
             )
         self.pending.append((msg, dist.isend(msg, dst, tag=tag)))

@@ -99,7 +99,7 @@ def make_demo_data(
             audio.append(p)
         filler = " and".join([""] * int(rng.integers(0, 4)))
         text = "this shows " + ", then ".join(said or ["nothing at all"]) + filler + "."
-        if rng.random() < long_text:
+        if long_text and rng.random() < long_text:  # no draw when off: same data as before
             text += "".join(
                 f" {DETAILS[i % len(DETAILS)]}." for i in range(int(rng.integers(2, 9)))
             )

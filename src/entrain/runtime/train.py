@@ -211,7 +211,9 @@ def pin_to_core(rank: int) -> None:
 def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        # gloo even on GPU machines: modules and messages live on the CPU until the runtime
+        # places them on devices, and NCCL cannot move CPU tensors
+        backend = "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
