@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 
 from entrain.cost import CostedBatch, cost_batch
 from entrain.models import load_spec
-from entrain.schedule import POLICIES, assign, evaluate, work
+from entrain.schedule import (
+    BASELINES,
+    POLICIES,
+    Assignment,
+    EntrainConfig,
+    assign,
+    entrain,
+    evaluate,
+    work,
+)
 from entrain.schedule.metrics import deferred_tokens, lower_bound
 from entrain.workload import ItemTable, Workload
 
@@ -45,7 +54,10 @@ SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[Heal
 
 
 def _check_valid(batch: CostedBatch, policy: str, dp: int, m: int) -> None:
-    asg = assign(policy, batch, dp, m)
+    _check_assignment(batch, assign(policy, batch, dp, m), policy)
+
+
+def _check_assignment(batch: CostedBatch, asg: Assignment, policy: str) -> None:
     assert asg.violations(batch) == [], policy
     # every unit is counted exactly once: per-module work sums to the module's total
     w = work(batch, asg)
@@ -127,8 +139,6 @@ def test_deferred_tokens_by_hand():
         items={"image": ItemTable(np.array([2]), np.array([[336.0, 336.0]]))},
     )
     batch = cost_batch(w, load_spec("qwen2-vl-7b"))
-    from entrain.schedule import Assignment
-
     asg = Assignment(
         1,
         3,
@@ -148,3 +158,137 @@ def test_unknown_policy_and_bad_shape():
         assign("nope", batch, 1, 1)
     with pytest.raises(ValueError, match="dp and microbatches"):
         assign("entrain", batch, 0, 1)
+
+
+# --- the cap on deferred embedding tokens (EntrainConfig.max_deferred_tokens) ---
+
+
+def _peak(batch: CostedBatch, asg: Assignment) -> float:
+    return float(deferred_tokens(batch, asg).max(initial=0.0))
+
+
+def _same_assignment(a: Assignment, b: Assignment) -> bool:
+    return (
+        (a.dp, a.microbatches) == (b.dp, b.microbatches)
+        and np.array_equal(a.sample_replica, b.sample_replica)
+        and np.array_equal(a.sample_mb, b.sample_mb)
+        and a.unit_replica.keys() == b.unit_replica.keys()
+        and a.unit_mb.keys() == b.unit_mb.keys()
+        and all(np.array_equal(a.unit_replica[e], b.unit_replica[e]) for e in a.unit_replica)
+        and all(np.array_equal(a.unit_mb[e], b.unit_mb[e]) for e in a.unit_mb)
+    )
+
+
+def _deferring_batch() -> CostedBatch:
+    """Eight samples, images on most: uncapped Entrain defers on one replica x 4 microbatches
+    (and on 2 x 4)."""
+    sizes = [[845, 2347], [345, 1796], [1332, 2990], [755, 2850], [454, 1944], [1824, 2717]]
+    sizes += [[1036, 2725], [2081, 2693], [758, 2323], [2837, 336], [1222, 1982]]
+    w = Workload(
+        ids=[f"s{i}" for i in range(8)],
+        text_tokens=np.array([3148, 1265, 957, 3166, 3505, 317, 234, 2685]),
+        items={
+            "image": ItemTable(
+                np.array([0, 1, 3, 3, 4, 5, 5, 6, 6, 7, 7]), np.asarray(sizes, np.float64)
+            )
+        },
+    )
+    return cost_batch(w, OMNI)
+
+
+lookaheads = st.sampled_from([None, 0, 1, 2])
+pools = st.sampled_from([None, 1, 2])
+
+
+@SETTINGS
+@given(
+    w=workloads(),
+    shape=shape_args,
+    lookahead=lookaheads,
+    pool=pools,
+    kind=st.sampled_from(["zero", "small", "exact", "large"]),
+    frac=st.floats(0.0, 0.99),
+)
+def test_entrain_meets_deferred_token_cap(w, shape, lookahead, pool, kind, frac):
+    dp, m = shape
+    batch = cost_batch(w, OMNI)
+    free = assign("entrain", batch, dp, m, lookahead=lookahead, pool=pool)
+    peak = _peak(batch, free)
+    cap = {"zero": 0, "small": int(peak * frac), "exact": int(peak), "large": 10**12}[kind]
+    asg = assign("entrain", batch, dp, m, lookahead=lookahead, pool=pool, max_deferred_tokens=cap)
+    _check_assignment(batch, asg, "entrain")
+    held = deferred_tokens(batch, asg)
+    assert held.shape == (dp, m) and (held >= 0).all()
+    assert held.max(initial=0.0) <= cap
+    if cap >= peak:  # a cap that does not bind changes nothing
+        assert _same_assignment(asg, free)
+    if cap == 0:
+        assert not held.any()
+    # it is the assignment of the longest lookahead, from the configured one down, that fits
+    longest = m - 1 if lookahead is None else min(lookahead, m - 1)
+    for la in range(longest, -1, -1):
+        cand = assign("entrain", batch, dp, m, lookahead=la, pool=pool)
+        if _peak(batch, cand) <= cap:
+            assert _same_assignment(asg, cand), la
+            break
+    # the cap only shortens the lookahead: still never worse than joint on any module
+    ours, theirs = work(batch, asg), work(batch, assign("joint", batch, dp, m))
+    for mod in ours:
+        assert ours[mod].max() <= theirs[mod].max() * (1 + 1e-9) + 1e-6, mod
+
+
+@SETTINGS
+@given(w=workloads(), shape=shape_args, lookahead=lookaheads, pool=pools)
+def test_entrain_without_cap_is_unchanged(w, shape, lookahead, pool):
+    """max_deferred_tokens=None is the uncapped policy, whichever way it is reached."""
+    dp, m = shape
+    batch = cost_batch(w, OMNI)
+    base = entrain(batch, dp, m, EntrainConfig(lookahead=lookahead, pool=pool))
+    for asg in (
+        assign("entrain", batch, dp, m, lookahead=lookahead, pool=pool),
+        assign("entrain", batch, dp, m, lookahead=lookahead, pool=pool, max_deferred_tokens=None),
+        entrain(
+            batch, dp, m, EntrainConfig(lookahead=lookahead, pool=pool, max_deferred_tokens=None)
+        ),
+    ):
+        assert _same_assignment(asg, base)
+    if lookahead is None and pool is None:
+        assert _same_assignment(POLICIES["entrain"](batch, dp, m), base)
+        assert _same_assignment(entrain(batch, dp, m), base)
+
+
+@pytest.mark.parametrize("policy", BASELINES)
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(w=workloads(), shape=shape_args)
+def test_baselines_never_defer_and_ignore_cap(policy, w, shape):
+    dp, m = shape
+    batch = cost_batch(w, OMNI)
+    free = assign(policy, batch, dp, m)
+    assert _peak(batch, free) == 0, policy
+    capped = assign(policy, batch, dp, m, max_deferred_tokens=0)
+    assert _same_assignment(capped, free), policy
+
+
+@pytest.mark.parametrize("dp", [1, 2])
+@pytest.mark.parametrize("pool", [None, 1])
+def test_deferred_token_cap_binds(dp, pool):
+    """On a batch where uncapped Entrain defers, every cap below its peak is met."""
+    batch = _deferring_batch()
+    free = assign("entrain", batch, dp, 4, pool=pool)
+    peak = _peak(batch, free)
+    assert peak > 0
+    for cap in (0, 1, int(peak) // 2, int(peak) - 1):
+        asg = assign("entrain", batch, dp, 4, pool=pool, max_deferred_tokens=cap)
+        _check_assignment(batch, asg, "entrain")
+        assert _peak(batch, asg) <= cap
+    at_peak = assign("entrain", batch, dp, 4, pool=pool, max_deferred_tokens=int(peak))
+    assert _same_assignment(at_peak, free)
+
+
+def test_negative_deferred_token_cap_is_rejected():
+    batch = _deferring_batch()
+    for policy in POLICIES:
+        with pytest.raises(ValueError, match="max_deferred_tokens must be >= 0"):
+            assign(policy, batch, 1, 4, max_deferred_tokens=-1)
+    with pytest.raises(ValueError, match="max_deferred_tokens must be >= 0"):
+        entrain(batch, 1, 4, EntrainConfig(max_deferred_tokens=-5))

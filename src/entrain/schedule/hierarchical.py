@@ -19,17 +19,21 @@ microbatch, only no later (DESIGN.md section 2). The policy:
    never allowed a larger maximum microbatch. Where the proportional targets would exceed
    it, flat targets are tried, then joint's own LLM packing, under which a coupled
    placement of each encoder always meets the bound.
+5. Memory: with `EntrainConfig.max_deferred_tokens`, an assignment whose LLM replicas would
+   hold more embedding tokens than the cap is recomputed with a shorter lookahead, down to
+   0, where every unit is encoded in its sample's own microbatch and nothing is held.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from entrain.cost.batch import CostedBatch
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.baselines import joint_bins
+from entrain.schedule.metrics import deferred_tokens
 from entrain.schedule.packing import lpt, place_units
 
 
@@ -60,6 +64,19 @@ class EntrainConfig:
     """Units smaller than this fraction of a bin are placed by a cut instead of by LPT."""
     repair_steps: int | None = None
     """Moves/swaps allowed per encoder to lower the worst bin; None means 2*D*M."""
+    max_deferred_tokens: int | None = None
+    """Most embedding tokens an LLM replica may hold at once (None: no cap). A unit encoded
+    before its sample's LLM microbatch leaves its embeddings in the LLM replica's memory
+    until that microbatch runs (`metrics.deferred_tokens`), on top of the activations the
+    pipeline already holds; the cap bounds that memory. An assignment over the cap is
+    recomputed with a shorter `lookahead`, down to 0, which holds nothing; so a cap costs
+    balance only in the iterations where it binds."""
+
+
+def check_max_deferred_tokens(cap: int | None) -> None:
+    """Raise ValueError unless `cap` is None or a count of tokens >= 0."""
+    if cap is not None and cap < 0:
+        raise ValueError(f"max_deferred_tokens must be >= 0 (or None for no cap), got {cap}")
 
 
 def _deal_to_replicas(bin_load: np.ndarray, dp: int) -> np.ndarray:
@@ -267,9 +284,33 @@ def _try(
 def entrain(
     batch: CostedBatch, dp: int, microbatches: int, config: EntrainConfig | None = None
 ) -> Assignment:
-    """The Entrain assignment of one global batch (see the module docstring)."""
+    """The Entrain assignment of one global batch (see the module docstring).
+
+    With `config.max_deferred_tokens` set, no LLM replica holds more embedding tokens than
+    that while it runs any microbatch: an assignment over the cap is recomputed with the
+    lookahead one shorter each time (peak deferral need not fall with the lookahead, so
+    each is tried in turn), down to lookahead 0, which defers nothing.
+    """
     cfg = config or EntrainConfig()
-    M, B = microbatches, dp * microbatches
+    cap = cfg.max_deferred_tokens
+    check_max_deferred_tokens(cap)
+    asg = _entrain(batch, dp, microbatches, cfg)
+    if cap is None:
+        return asg
+    M = microbatches
+    # a lookahead of M-1 or more allows every earlier microbatch, the same as None
+    lookahead = M - 1 if cfg.lookahead is None else min(cfg.lookahead, M - 1)
+    while deferred_tokens(batch, asg).max(initial=0.0) > cap:
+        lookahead -= 1
+        if lookahead < 0:  # unreachable: lookahead 0 encodes every unit in its own microbatch
+            raise RuntimeError("Entrain could not meet max_deferred_tokens even without deferral")
+        asg = _entrain(batch, dp, M, replace(cfg, lookahead=lookahead))
+    return asg
+
+
+def _entrain(batch: CostedBatch, dp: int, M: int, cfg: EntrainConfig) -> Assignment:
+    """`entrain` without the cap on deferred tokens."""
+    B = dp * M
     jb = joint_bins(batch, dp, M)
     slack = 1 + 1e-9
     bound = {e: _max_work(batch, e, jb[u.sample], B, u) * slack for e, u in batch.units.items()}
