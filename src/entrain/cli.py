@@ -308,7 +308,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="measured profile (entrain profile): balance measured seconds, not FLOPs",
     )
     tr.add_argument(
+        "--max-deferred-tokens",
+        type=int,
+        default=None,
+        help="entrain: most embedding tokens an LLM replica may hold for later microbatches "
+        "(bounds the memory deferral takes; default: no cap)",
+    )
+    tr.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out samples whose files are missing, corrupt or disagree with the manifest "
+        "(each is logged, with a count at the end) instead of stopping",
+    )
+    tr.add_argument(
+        "--max-sample-tokens",
+        type=int,
+        default=8192,
+        help="most LLM tokens a sample may have (default 8192, the LLM's position limit)",
+    )
+    ck = tr.add_argument_group("checkpoints")
+    ck.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="save every K steps and after the last (torch.distributed.checkpoint; "
+        "default 0: never)",
+    )
+    ck.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where (default: the --resume folder, else OUT/checkpoints)",
+    )
+    ck.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue from the latest complete checkpoint in DIR, with the samples not yet "
+        "trained; with none there yet, start at step 0 (a restarted run passes the same flags)",
+    )
+    ck.add_argument(
+        "--keep-checkpoints", type=int, default=2, help="complete checkpoints kept (default 2)"
+    )
+    tr.add_argument(
         "--nproc", type=int, default=None, help="launch torchrun with this many processes"
+    )
+    tr.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --nproc: torchrun restarts the ranks this many times after a failure "
+        "(use with --resume to continue from the last checkpoint)",
     )
     tr.set_defaults(func=cmd_train, argv=None)
 
@@ -407,8 +456,26 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ManifestError, SpecError, MissingEncoderError, ValueError, OSError) as e:
         if os.environ.get("ENTRAIN_DEBUG"):
             raise
-        err.print("[red]entrain: error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0" or not _same_on_every_rank(e):
+            err.print("[red]entrain: error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
         return EXIT_USAGE
+    except RuntimeError as e:  # a rank lost its peers or waited too long: name it, no traceback
+        from entrain.runtime.comm import CommError
+
+        if not isinstance(e, CommError) or os.environ.get("ENTRAIN_DEBUG"):
+            raise
+        err.print("[red]entrain: error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
+        return 1
+
+
+def _same_on_every_rank(e: Exception) -> bool:
+    """Errors every rank of a run raises alike (bad input found before training): under
+    torchrun only rank 0 prints them."""
+    from entrain.models.load import SpecError
+    from entrain.runtime.inputs import SampleError
+    from entrain.workload.manifest import ManifestError
+
+    return isinstance(e, SampleError | UserError | ManifestError | SpecError)
 
 
 if __name__ == "__main__":

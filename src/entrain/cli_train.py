@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -40,6 +41,13 @@ TRAIN_FLAGS = (
     "out",
     "pin_cores",
     "profile",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "resume",
+    "keep_checkpoints",
+    "max_deferred_tokens",
+    "skip_bad",
+    "max_sample_tokens",
 )
 
 
@@ -60,23 +68,24 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
         raise UserError(
             "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"
         )
-    return _launch_torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    return _launch_torchrun(args.nproc, argv, args.max_restarts)
 
 
-def _launch_torchrun(nproc: int, argv: list[str]) -> int:
+def _launch_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Re-run this command under torchrun with `nproc` processes on this machine."""
     import socket
     import subprocess
 
     rest, skip = [], False
-    for a in argv:  # drop --nproc N: the children are the processes
+    for a in argv:  # drop the launcher's own flags: the children are the processes
         if skip:
             skip = False
             continue
-        if a == "--nproc":
+        if a in ("--nproc", "--max-restarts"):
             skip = True
             continue
-        if a.startswith("--nproc="):
+        if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         rest.append(a)
     with socket.socket() as s:
@@ -88,16 +97,52 @@ def _launch_torchrun(nproc: int, argv: list[str]) -> int:
         "torch.distributed.run",
         "--nproc-per-node",
         str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
+        # a c10d rendezvous, not a static master address: each restart is a new round with
+        # fresh keys (with a static one, a restarted rank could read the old round's peer
+        # addresses and fail to connect)
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        f"entrain-{os.getpid()}-{port}",
+        "--max-restarts",
+        str(max_restarts),
         "-m",
         "entrain",
         *rest,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    for line in _launcher_noise_removed(proc.stderr):
+        sys.stderr.write(line)
+    rc = proc.wait()
+    if rc:
+        sys.stderr.write(f"entrain: a process of this run failed (torchrun exit code {rc})\n")
+    return rc
+
+
+_LOG_LINE = re.compile(r"^[WI]\d{4} \d\d:\d\d:\d\d")
+
+
+def _launcher_noise_removed(lines):
+    """The ranks' stderr as it comes, less torchrun's own chatter: its warning lines, and
+    the Python traceback it prints about itself when a rank fails (the ranks have said what
+    went wrong; its summary of which rank failed how is kept)."""
+    held: list[str] = []
+    for line in lines:
+        if held:
+            held.append(line)
+            if line[:1] not in (" ", "\t") and not line.startswith("Traceback"):
+                if not line.startswith("torch.distributed.elastic.multiprocessing.errors."):
+                    yield from held  # a rank's own traceback: keep it
+                held = []
+            continue
+        if line.startswith("Traceback (most recent call last):"):
+            held = [line]
+        elif not _LOG_LINE.match(line) and not line.startswith("*****"):
+            yield line
+    yield from held
 
 
 def cmd_runs(args: argparse.Namespace, err: Console) -> int:

@@ -90,6 +90,7 @@ def choose_lookahead(
     plan: ParallelPlan,
     hw: Hardware,
     pool: int | None = None,
+    max_deferred_tokens: int | None = None,
     candidates: tuple[int | None, ...] = (0, 1, 2, None),
 ) -> tuple[int | None, dict]:
     """Entrain's deferral depth for a fixed plan: the candidate with the least simulated
@@ -101,8 +102,22 @@ def choose_lookahead(
     times = {}
     for a in candidates:
         times[a] = sum(
-            simulate(b, assign("entrain", b, plan.dp, plan.microbatches, a, pool), spec, plan, hw,
-                     "s").iter_time
+            simulate(
+                b,
+                assign(
+                    "entrain",
+                    b,
+                    plan.dp,
+                    plan.microbatches,
+                    a,
+                    pool,
+                    max_deferred_tokens=max_deferred_tokens,
+                ),
+                spec,
+                plan,
+                hw,
+                "s",
+            ).iter_time
             for b in batches
         )  # fmt: skip
     best = min(candidates, key=lambda a: (round(times[a], 9), 99 if a is None else a))

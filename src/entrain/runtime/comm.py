@@ -33,8 +33,16 @@ SLACK_ROWS = 4
 off by a rounding from what the files give)."""
 
 
-class TransferTimeout(RuntimeError):
+class CommError(RuntimeError):
+    """A transfer that cannot complete; the message names what was awaited and from whom."""
+
+
+class TransferTimeout(CommError):
     """A rank waited longer than the timeout for a message."""
+
+
+class PeerLost(CommError):
+    """The peer a rank waited on went away (its process died or closed the connection)."""
 
 
 class TransferTooLarge(RuntimeError):
@@ -124,15 +132,20 @@ class Mailbox:
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
-            raise TransferTimeout(
-                f"rank {dist.get_rank()} waited more than {self.timeout.total_seconds():.0f} s for "
-                f"{what} from rank {src}: {e}"
+            if "timed out" in str(e).lower() or "timeout" in str(e).lower():
+                raise TransferTimeout(
+                    f"rank {dist.get_rank()} waited more than "
+                    f"{self.timeout.total_seconds():.0f} s for {what} from rank {src}: {e}"
+                ) from None
+            raise PeerLost(
+                f"rank {dist.get_rank()} lost rank {src} while waiting for {what} "
+                f"(did that process die? see its log): {e}"
             ) from None
 
     def flush(self) -> None:
         """Wait for every send of the iteration (their receivers have posted by now)."""
-        for _, work in self.pending:
-            work.wait(self.timeout)
+        for msg, work in self.pending:
+            self._wait(work, -1, f"a send of {msg.numel()} bytes to complete")
         self.pending.clear()
         if self.posted:
             raise RuntimeError(f"receives posted but never taken: {sorted(self.posted)[:4]}")

@@ -54,10 +54,18 @@ def roles(plan: ParallelPlan, encoders: list[str]) -> list[Role]:
     return out
 
 
+POST_AHEAD = 2
+"""A stage posts the input receives of microbatch j + POST_AHEAD when it starts microbatch
+j: early enough that a sender rarely waits for the receiver's go-ahead (a gloo receive is a
+rendezvous), few enough that receive buffers stay a window, not the whole step."""
+
+
 @dataclass
 class StepStats:
     busy: float = 0.0
     events: list[tuple[str, float, float]] = field(default_factory=list)
+    peak_deferred: int = 0
+    """Most embedding rows held at once for a later LLM microbatch than the running one."""
 
     def timed(self, label: str, t0: float) -> None:
         t1 = time.perf_counter()
@@ -92,10 +100,6 @@ class EncoderWorker:
         outputs: dict[int, list[torch.Tensor]] = {}
         idx = self.index
         llm0 = {d: self.rank_of(Role("llm", d, 0)) for d in range(it.asg.dp)}
-        if self.trains:  # every gradient this encoder will get, posted now
-            for k in range(it.asg.microbatches):
-                for (dest, j), us in it.grad_sources(e, r, k).items():
-                    mail.expect(llm0[dest], make_tag(EMBED_GRAD, idx, k, j), it.embed_cap(e, us))
         for kind, k in encoder_actions(it.need(e, r), P, self.trains):
             units = it.enc_mb.get((e, r, k), [])
             t0 = time.perf_counter()
@@ -105,6 +109,10 @@ class EncoderWorker:
                 by_unit = dict(zip(units, embs))
                 outputs[k] = embs
                 stats.timed(f"F{k}", t0)
+                if self.trains:  # the gradients of these units will come back: post for them
+                    for (dest, j), us in it.grad_sources(e, r, k).items():
+                        cap = it.embed_cap(e, us)
+                        mail.expect(llm0[dest], make_tag(EMBED_GRAD, idx, k, j), cap)
                 for dest, us in it.sends_of(e, r, k).items():
                     mail.send(
                         [by_unit[u] for u in us],
@@ -163,10 +171,13 @@ class LLMWorker:
         total = 0.0
         prev = self.rank_of(Role("llm", r, s - 1)) if s > 0 else None
         nxt = self.rank_of(Role("llm", r, s + 1)) if s < P - 1 else None
-        self._post_receives(it, mail, prev, nxt)
+        for j in range(min(POST_AHEAD, M)):
+            self._post_inputs(it, mail, j, prev, got)
         for kind, j in one_f_one_b(P, s, M):
             samples = it.llm_mb.get((r, j), [])
             if kind == "F":
+                if j + POST_AHEAD < M:
+                    self._post_inputs(it, mail, j + POST_AHEAD, prev, got)
                 if s == 0:
                     for src in it.embed_sources(r, j):
                         if src not in got:
@@ -180,6 +191,11 @@ class LLMWorker:
                             for u, t in zip(meta, tensors):
                                 received[(e, u)] = t.requires_grad_(self.encoder_trains[e])
                             got.add(src)
+                    # deferral, measured: embeddings here for a later microbatch than this one
+                    later = sum(
+                        t.shape[0] for (e, u), t in received.items() if it.unit_dest(e, u)[1] > j
+                    )
+                    stats.peak_deferred = max(stats.peak_deferred, later)
                     xs = None
                 else:
                     meta, xs = mail.recv(
@@ -205,6 +221,8 @@ class LLMWorker:
                     else:
                         hidden_out.append(h[0])
                 inputs[j], outs[j] = hidden_in, hidden_out
+                if nxt is not None:  # the gradients of this microbatch will come back
+                    mail.expect(nxt, make_tag(ACT_GRAD, 0, 0, j), it.act_cap(samples))
                 if loss is not None:
                     losses[j] = loss
                     total += float(loss.detach()) * loss_tokens
@@ -248,25 +266,23 @@ class LLMWorker:
                     self._return_embedding_grads(it, r, j, received, mail)
         return total
 
-    def _post_receives(
-        self, it: IterationPlan, mail: Mailbox, prev: int | None, nxt: int | None
+    def _post_inputs(
+        self, it: IterationPlan, mail: Mailbox, j: int, prev: int | None, got: set
     ) -> None:
-        """Post every receive of the iteration up front: embeddings (first stage),
-        activations from the previous stage, gradients from the next."""
+        """Post the receives of microbatch j's inputs ahead of its forward: embeddings (first
+        stage; those not already here) or activations from the previous stage."""
         r = self.role.replica
-        for j in range(it.asg.microbatches):
-            samples = it.llm_mb.get((r, j), [])
-            if prev is None:
-                for e, rs, k in it.embed_sources(r, j):
-                    mail.expect(
-                        self.rank_of(Role(e, rs)),
-                        make_tag(EMBED, self.encoder_index[e], k, 0),
-                        it.embed_cap(e, it.sends_of(e, rs, k)[r]),
-                    )
-            else:
-                mail.expect(prev, make_tag(ACT, 0, 0, j), it.act_cap(samples))
-            if nxt is not None:
-                mail.expect(nxt, make_tag(ACT_GRAD, 0, 0, j), it.act_cap(samples))
+        if prev is not None:
+            mail.expect(prev, make_tag(ACT, 0, 0, j), it.act_cap(it.llm_mb.get((r, j), [])))
+            return
+        for src in it.embed_sources(r, j):
+            if src not in got:
+                e, rs, k = src
+                mail.expect(
+                    self.rank_of(Role(e, rs)),
+                    make_tag(EMBED, self.encoder_index[e], k, 0),
+                    it.embed_cap(e, it.sends_of(e, rs, k)[r]),
+                )
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]

@@ -3,6 +3,7 @@ modules of a role, and the inputs of a unit."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,27 @@ class TrainConfig:
     profile: str | None = None
     """A measured profile (`entrain profile`): the assignment balances measured seconds
     instead of FLOPs."""
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps, and after the last (0: never)."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go (default: the --resume folder, else OUT/checkpoints)."""
+    resume: str | None = None
+    """Continue from the latest complete checkpoint in this folder (none yet: start fresh,
+    so a restarted run can pass the same flags)."""
+    keep_checkpoints: int = 2
+    max_deferred_tokens: int | None = None
+    """Entrain: most embedding tokens an LLM replica may hold for later microbatches."""
+    skip_bad: bool = False
+    """Leave out samples whose files are missing, corrupt or disagree with the manifest (and
+    samples over max_sample_tokens), logging each, instead of stopping."""
+    max_sample_tokens: int = 8192
+    """Most LLM tokens one sample may have (the runtime LLM's position limit)."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
+        if self.max_deferred_tokens is not None and self.max_deferred_tokens < 0:
+            raise ValueError(f"--max-deferred-tokens must be >= 0, got {self.max_deferred_tokens}")
         for name in ("steps", "global_batch", "microbatches", "dp"):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -95,12 +115,17 @@ class TrainConfig:
 
 
 class Dataset:
-    """Records and their columnar sizes; text ids and unit inputs on demand, cached."""
+    """Records and their columnar sizes; text ids and unit inputs on demand, cached.
+    `drop` leaves samples out by their manifest index (bad samples under --skip-bad)."""
 
-    def __init__(self, path: str | Path, spec: ModelSpec):
+    def __init__(self, path: str | Path, spec: ModelSpec, drop: Collection[int] = ()):
         self.spec = spec
         self.records: list[Record] = load_records(path)
         self.workload: Workload = read_manifest(path)
+        if drop:
+            keep = np.setdiff1d(np.arange(len(self.records)), np.fromiter(drop, np.int64))
+            self.records = [self.records[int(i)] for i in keep]
+            self.workload = self.workload.take(keep)
         self.tokenizer = ByteTokenizer(spec.llm.vocab_size)
         self._cache: dict[tuple, object] = {}
         self._text = [
@@ -177,7 +202,15 @@ def make_step(
     indices = data.batch_order(step, cfg.global_batch, cfg.seed, cfg.shuffle)
     w = data.workload.take(indices)
     batch = cost_batch(w, data.spec, cost_model)
-    asg = assign(cfg.policy, batch, cfg.dp, cfg.microbatches, cfg.lookahead, cfg.pool)
+    asg = assign(
+        cfg.policy,
+        batch,
+        cfg.dp,
+        cfg.microbatches,
+        cfg.lookahead,
+        cfg.pool,
+        max_deferred_tokens=cfg.max_deferred_tokens,
+    )
     plan = IterationPlan.build(batch, asg, data.spec, llm_stages, item_locator(w))
     return Step(indices, batch, asg, plan)
 
@@ -235,4 +268,6 @@ def resolve_lookahead(
                    data.spec, model)
         for i in range(n)
     ]  # fmt: skip
-    return choose_lookahead(data.spec, costed, plan, profile.hardware(), cfg.pool)[0]
+    return choose_lookahead(
+        data.spec, costed, plan, profile.hardware(), cfg.pool, cfg.max_deferred_tokens
+    )[0]

@@ -13,6 +13,8 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from entrain.report.trace import write_chrome_trace
+from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats, roles
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
@@ -54,7 +57,8 @@ class Trainer:
         self.roles = roles(self.plan, encoders)
         self.role = self.roles[rank]
         self.rank_of = {r: i for i, r in enumerate(self.roles)}.__getitem__
-        self.data = Dataset(cfg.data, self.spec)
+        self.skipped = self._check_samples()
+        self.data = Dataset(cfg.data, self.spec, drop=[b.index for b in self.skipped])
         profile = profile_of(cfg, self.spec)
         self.cost_model = profile.cost_model() if profile else None
         self.cfg = cfg = dataclasses.replace(
@@ -138,6 +142,7 @@ class Trainer:
         norm = loss_tokens(self.data, st.indices)
         stats = StepStats()
         dist.barrier()
+        _inject_fault(step, self.rank)
         t0 = time.perf_counter()
         loss = 0.0
         if isinstance(self.worker, EncoderWorker):
@@ -161,6 +166,7 @@ class Trainer:
                 self.role.replica,
                 stats.busy,
                 [(lab, a - t0, b - t0) for lab, a, b in stats.events],
+                stats.peak_deferred,
             ),
         )
         tokens = int(st.batch.llm_tokens.sum())
@@ -170,9 +176,11 @@ class Trainer:
             "iter_time": wall,
             "samples_per_s": len(st.indices) / wall,
             "tokens_per_s": tokens / wall,
-            "busy": {f"{n}/r{r}": b for n, r, b, _ in busy},
-            "idle": {f"{n}/r{r}": wall - b for n, r, b, _ in busy},
-            "_events": [(f"{n}/r{r}", lab, a, b) for n, r, _, ev in busy for lab, a, b in ev],
+            "busy": {f"{n}/r{r}": b for n, r, b, _, _ in busy},
+            "idle": {f"{n}/r{r}": wall - b for n, r, b, _, _ in busy},
+            "peak_deferred_tokens": max(d for *_, d in busy),
+            "_events": [(f"{n}/r{r}", lab, a, b) for n, r, _, ev, _ in busy for lab, a, b in ev],
+            "_samples": [self.data.records[int(i)].id for i in st.indices],
         }
 
     def _all_reduce_grads(self) -> None:
@@ -184,6 +192,77 @@ class Trainer:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, group=self.groups)
+
+    def _check_samples(self) -> list:
+        """Rank 0 checks every sample against its files (all decoded once); every rank gets
+        the verdict, so all leave out the same samples or all stop with the same message."""
+        from entrain.runtime.inputs import SampleError, load_records
+        from entrain.runtime.validate import summary, validate_samples
+        from entrain.workload.manifest import read_manifest
+
+        cfg = self.cfg
+        verdict: list = [None]
+        if self.rank == 0:
+            bad = validate_samples(
+                load_records(cfg.data), read_manifest(cfg.data), self.spec, cfg.max_sample_tokens
+            )
+            verdict = [bad]
+        dist.broadcast_object_list(verdict, src=0)
+        bad = verdict[0]
+        if bad and not cfg.skip_bad:
+            raise SampleError(
+                summary(bad, cfg.data) + "\n(fix them, or pass --skip-bad to train without them)"
+            )
+        if bad and self.rank == 0:
+            print(f"entrain: skipping {summary(bad, cfg.data)}", flush=True)
+            if cfg.out:
+                Path(cfg.out).mkdir(parents=True, exist_ok=True)
+                with open(Path(cfg.out) / "skipped.jsonl", "w", encoding="utf-8") as f:
+                    for b in bad:
+                        f.write(json.dumps({"id": b.id, "line": b.line, "reason": b.reason}))
+                        f.write("\n")
+        return bad
+
+    @property
+    def checkpoint_root(self) -> Path | None:
+        """Where this run checkpoints (None: it does not)."""
+        cfg = self.cfg
+        if not cfg.checkpoint_every:
+            return None
+        root = (
+            cfg.checkpoint_dir or cfg.resume or (Path(cfg.out) / "checkpoints" if cfg.out else None)
+        )
+        if root is None:
+            raise ValueError("--checkpoint-every needs --checkpoint-dir, --resume or --out")
+        return Path(root)
+
+    def _layout(self) -> dict:
+        """What a checkpoint must match to be resumed here."""
+        return {"model": self.spec.name, "world": self.world, "plan": self.plan.to_dict()}
+
+    def save_checkpoint(self, steps_done: int) -> None:
+        checkpoint.save(
+            self.checkpoint_root,
+            steps_done,
+            self.named,
+            self.opt,
+            self._layout(),
+            self.cfg.keep_checkpoints,
+        )
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint of --resume; the first step to run."""
+        if not self.cfg.resume:
+            return 0
+        path = checkpoint.latest(self.cfg.resume)
+        if path is None:
+            if self.rank == 0:
+                print(f"entrain: no checkpoint in {self.cfg.resume} yet; starting at step 0")
+            return 0
+        done = checkpoint.load(path, self.named, self.opt, self._layout())
+        if self.rank == 0:
+            print(f"entrain: resumed from {path} ({done} steps done)")
+        return done
 
     def save_params(self, out: Path) -> None:
         if self.role.replica == 0:
@@ -200,6 +279,50 @@ def _projector_prefix(tower) -> str:
     raise AssertionError("tower without a projector")
 
 
+def _init_process_group(timeout: datetime.timedelta) -> None:
+    """gloo, even on GPU machines: modules and messages live on the CPU until the runtime
+    places them on devices, and NCCL cannot move CPU tensors. Under torchrun the store keys
+    get the restart count as a prefix: after a restart, ranks otherwise found the previous
+    attempt's peer addresses in the store and failed to connect (seen with torch 2.13)."""
+    env = os.environ
+    if "TORCHELASTIC_RESTART_COUNT" not in env:
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
+    store = dist.TCPStore(
+        env["MASTER_ADDR"],
+        int(env["MASTER_PORT"]),
+        world,
+        is_master=not agent and rank == 0,
+        timeout=timeout,
+    )
+    store = dist.PrefixStore(f"entrain/attempt{env['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def _inject_fault(step: int, rank: int) -> None:
+    """A test hook: ENTRAIN_FAULT_INJECT="STEP:RANK:MARKER" SIGKILLs rank RANK a few
+    milliseconds into step STEP, once (the marker file remembers, so a restarted run
+    passes). How the fault tests kill a rank mid-step without touching the engine."""
+    spec = os.environ.get("ENTRAIN_FAULT_INJECT")
+    if not spec:
+        return
+    at, who, marker = spec.split(":", 2)
+    if int(at) == step and int(who) == rank and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} in step {step}\n")
+        threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+
+def _keep_steps_before(path: Path, step: int) -> None:
+    """Drop the lines of a per-step JSONL log from `step` on: a resumed run redoes them
+    (their effect on the weights was not checkpointed)."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [x for x in lines if x.strip() and json.loads(x)["step"] < step]
+        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+
 def pin_to_core(rank: int) -> None:
     """Run this process on one core of its own (by local rank): timings on a small shared
     machine stop depending on where the scheduler puts each rank."""
@@ -211,10 +334,7 @@ def pin_to_core(rank: int) -> None:
 def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
     if not dist.is_initialized():
-        # gloo even on GPU machines: modules and messages live on the CPU until the runtime
-        # places them on devices, and NCCL cannot move CPU tensors
-        backend = "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+        _init_process_group(datetime.timedelta(seconds=cfg.timeout_s))
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.pin_cores:
@@ -233,18 +353,33 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
             if run_info[key] and os.path.exists(run_info[key]):
                 run_info[key] = os.path.abspath(run_info[key])
         (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    start = trainer.resume()
+    if out and rank == 0:  # steps past the checkpoint are redone: their log lines go
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            _keep_steps_before(out / log, start)
     dist.barrier()
     history = []
-    bar = _progress(cfg.steps) if (progress and rank == 0) else None
-    metrics = open(out / "metrics.jsonl", "w", encoding="utf-8") if (out and rank == 0) else None
+    bar = _progress(cfg.steps, start) if (progress and rank == 0) else None
+    logs = {
+        name: open(out / f"{name}.jsonl", "a", encoding="utf-8")
+        for name in ("metrics", "samples")
+        if out and rank == 0
+    }
     try:
-        for step in range(cfg.steps):
+        for step in range(start, cfg.steps):
             m = trainer.step(step)
             events = m.pop("_events")
+            consumed = m.pop("_samples")
             history.append(m)
-            if metrics:
-                metrics.write(json.dumps(m) + "\n")
-                metrics.flush()
+            if logs:
+                logs["metrics"].write(json.dumps(m) + "\n")
+                logs["samples"].write(json.dumps({"step": step, "samples": consumed}) + "\n")
+                for f in logs.values():
+                    f.flush()
+            if trainer.checkpoint_root and (
+                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+            ):
+                trainer.save_checkpoint(step + 1)
             if bar:
                 bar[0].update(
                     bar[1], advance=1, description=f"step {step + 1} loss {m['loss']:.4f}"
@@ -254,15 +389,18 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
         if out and cfg.save_params:
             trainer.save_params(out)
         dist.barrier()
+        if rank == 0 and trainer.skipped:
+            where = f" (listed in {out / 'skipped.jsonl'})" if out else ""
+            print(f"entrain: trained without {len(trainer.skipped)} bad sample(s){where}")
     finally:
-        if metrics:
-            metrics.close()
+        for f in logs.values():
+            f.close()
         if bar:
             bar[0].stop()
     return history
 
 
-def _progress(total: int):
+def _progress(total: int, done: int = 0):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     p = Progress(
@@ -273,7 +411,7 @@ def _progress(total: int):
         transient=True,
     )
     p.start()
-    return p, p.add_task("training", total=total)
+    return p, p.add_task("training", total=total, completed=done)
 
 
 def main_from_env(cfg: TrainConfig) -> int:
