@@ -16,7 +16,7 @@ import numpy as np
 from entrain.cost.batch import cost_batch
 from entrain.cost.flops import CostModel, analytic_cost_model
 from entrain.models.spec import ModelSpec
-from entrain.schedule import POLICIES, assign, evaluate, mean_metrics
+from entrain.schedule import POLICIES, assign, evaluate, mean_metrics, work
 from entrain.workload.columnar import Workload
 from entrain.workload.manifest import iter_batches, read_manifest
 
@@ -106,6 +106,7 @@ def analyze(
     model = cost_model or analytic_cost_model(spec)
     rows: dict[str, list] = {p: [] for p in cfg.policies}
     seconds = dict.fromkeys(cfg.policies, 0.0)
+    first: dict[str, dict[str, list[float]]] = {}  # per-microbatch work of the first batch
     n_batches = samples = skipped = 0
     for batch in global_batches(manifest, cfg, on_progress):
         if len(batch) < cfg.global_batch and n_batches:
@@ -117,6 +118,8 @@ def analyze(
             asg = assign(p, costed, cfg.dp, cfg.microbatches)
             seconds[p] += time.perf_counter() - t0
             rows[p].append(evaluate(costed, asg))
+            if not n_batches:
+                first[p] = {m: w.tolist() for m, w in work(costed, asg).items()}
         n_batches += 1
         samples += len(batch)
     policies = {}
@@ -133,4 +136,5 @@ def analyze(
         "skipped_tail_samples": skipped,
         "policies": policies,
         "cv_reduction": cv_reduction(policies),
+        "first_batch_work": first,
     }

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from entrain.cli_common import UserError, progress_bar, stdout_console
 from entrain.cli_plan import cmd_plan, cmd_simulate
-from entrain.cli_train import cmd_demo_data, cmd_profile, cmd_runs, cmd_train
+from entrain.cli_train import cmd_demo_data, cmd_profile, cmd_report, cmd_runs, cmd_train
 from entrain.models.presets import PRESETS
 from entrain.schedule import POLICIES
 from entrain.workload.traces import GENERATORS
@@ -392,6 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pin-cores", action="store_true", help="pin each process to its own core")
     pr.add_argument("--json", action="store_true", help="print the profile as JSON")
     pr.set_defaults(func=cmd_profile, argv=None)
+
+    rp = sub.add_parser(
+        "report",
+        help="an HTML report of an analysis or a training run",
+        description="Write one self-contained HTML page (figures inlined, no network): from "
+        "`entrain analyze --json` output, the work of each microbatch per module under every "
+        "policy and the spread per policy; from a run directory (`entrain train --out`), loss "
+        "and step time over steps, the pipeline timeline of the traced step, and with a "
+        "profile the simulator's replay beside the measurement.",
+    )
+    rp.add_argument("source", help="run directory, or a JSON file from `entrain analyze --json`")
+    rp.add_argument("-o", "--output", default="report.html", help="page to write (report.html)")
+    rp.set_defaults(func=cmd_report)
 
     dd = sub.add_parser(
         "demo-data",

@@ -11,7 +11,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from entrain.cli_common import UserError, stdout_console
+from entrain.cli_common import UserError, progress_bar, stdout_console
 
 
 def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
@@ -276,3 +276,12 @@ def _print_profile(profile, path: str, source: str) -> None:
     else:
         con.print("p2p: not measured (one process; use --nproc 2 or more)")
     con.print(f"profile written to {path}; use it with --profile in simulate, plan and train")
+
+
+def cmd_report(args: argparse.Namespace, err: Console) -> int:
+    from entrain.report.html import write_report
+
+    with progress_bar("drawing", None, err):
+        n = write_report(args.source, args.output)
+    err.print(f"wrote {args.output} ({n} figure(s)); open it in a browser")
+    return 0
