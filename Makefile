@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy sequential --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --profile $(OUT)/profile.json --out $(OUT)/train-sequential
 	@echo "== measured, and the simulator's replay of the same steps with the profile"
 	$(VENV)/bin/entrain runs $(OUT)/train-sequential $(OUT)/train-entrain --simulate
+	$(VENV)/bin/entrain report $(OUT)/train-entrain -o $(OUT)/report.html
 
 test: $(STAMP)
 	$(PY) -m pytest
