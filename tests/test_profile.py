@@ -411,3 +411,26 @@ def test_profile_two_processes_train_with_it_and_replay(demo, tmp_path):
     assert row["simulation_error"] == pytest.approx(
         (row["simulated_iter_time"] - row["measured_iter_time"]) / row["measured_iter_time"]
     )
+
+
+def _frozen_vision_spec(tmp_path: Path) -> str:
+    text = Path(TINY_VISION).read_text().replace("frozen: false", "frozen: true")
+    text = text.replace("name: tiny-vision", "name: tiny-frozen-vision")
+    path = tmp_path / "frozen.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_profile_of_a_frozen_encoder_times_its_projector_on_the_llm_side(demo, tmp_path):
+    from entrain.runtime.profile import ProfileConfig, fit_profile, measure
+
+    spec = load_spec(_frozen_vision_spec(tmp_path))
+    cfg = ProfileConfig(runs=5, warmup=1, max_samples=3)
+    m = measure(cfg, spec, read_manifest(demo))
+    assert set(m["modules"]["vision"]) == {"forward"}  # no backward: the tower is frozen
+    assert set(m["llm_projectors"]["vision"]) == {"forward", "backward"}
+    assert m["step"]["vision"] == 0.0
+    prof = fit_profile(spec, [m], None, 1, "cpu")
+    model = prof.cost_model()
+    assert model["vision"].backward(np.array([100.0])).sum() == 0
+    assert model.llm_projectors["vision"].forward(np.array([100.0])).sum() > 0

@@ -197,3 +197,19 @@ def test_timeout_names_what_it_waited_for(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert "activations of LLM microbatch 3" in msg and "rank 1" in msg, msg
+
+
+def test_frozen_encoder_step_equals_single_process(demo, tmp_path):
+    """A frozen vision tower runs forward only and sends its trunk's states; its projector
+    trains on the first LLM stage. 2 ranks (the demo's audio is left out: tiny-vision)."""
+    spec = (Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-vision.yaml").read_text()
+    path = tmp_path / "frozen.yaml"
+    path.write_text(spec.replace("frozen: false", "frozen: true"))
+    from entrain.runtime.demo_data import make_demo_data
+
+    data = make_demo_data(tmp_path / "data", 12, seed=9, audio_share=0.0)
+    out = tmp_path / "run"
+    train(data, out, 2, "--model", str(path), "--steps", "1", "--global-batch", "6",
+          "--microbatches", "3")  # fmt: skip
+    cfg = TrainConfig(data=str(data), model=str(path), steps=1, global_batch=6, microbatches=3)
+    assert_matches_reference(out, cfg)

@@ -1,4 +1,5 @@
-"""`entrain train`, `entrain demo-data` and `entrain runs`."""
+"""The commands around real runs: `entrain train`, `profile`, `runs`, `report` and
+`demo-data`."""
 
 from __future__ import annotations
 

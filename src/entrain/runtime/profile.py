@@ -107,24 +107,30 @@ class _Inputs:
         return emb, ids
 
 
+def _units_of(u, draws: list[np.ndarray]):
+    """The units of each drawn microbatch's samples (microbatches without any skipped)."""
+    for samples in draws:
+        units = np.flatnonzero(np.isin(u.sample, samples))
+        if len(units):
+            yield units
+
+
+def _timed_backward(outs: list[torch.Tensor]) -> float:
+    return _timed(torch.autograd.backward, outs, [torch.randn_like(o) for o in outs])[1]
+
+
 def _time_encoder(
     tower: nn.Module, enc, inputs: _Inputs, trains: bool, draws: list[np.ndarray]
 ) -> tuple[list[Run], list[Run]]:
     u = inputs.batch.units[enc.name]
     fwd, bwd = [], []
-    for samples in draws:
-        units = np.flatnonzero(np.isin(u.sample, samples))
-        if not len(units):
-            continue
+    for units in _units_of(u, draws):
         args = inputs.encoder(enc, units)
         with torch.set_grad_enabled(trains):
             out, tf = _timed(tower if trains else tower.trunk, *args)
-        outs = list(out) if isinstance(out, list) else [out]
         fwd.append((u.tokens[units], tf))
         if trains:
-            grads = [torch.randn_like(o) for o in outs]
-            _, tb = _timed(torch.autograd.backward, outs, grads)
-            bwd.append((u.tokens[units], tb))
+            bwd.append((u.tokens[units], _timed_backward(out if isinstance(out, list) else [out])))
     return fwd, bwd
 
 
@@ -134,16 +140,11 @@ def _time_projector(
     """A frozen encoder's projector, which trains on the LLM side: per unit, on its states."""
     u = inputs.batch.units[enc.name]
     fwd, bwd = [], []
-    for samples in draws:
-        units = np.flatnonzero(np.isin(u.sample, samples))
-        if not len(units):
-            continue
+    for units in _units_of(u, draws):
         states = [torch.randn(int(x), enc.encoder.hidden_size) for x in u.tokens[units]]
         outs, tf = _timed(_each, proj, states)
-        grads = [torch.randn_like(o) for o in outs]
-        _, tb = _timed(torch.autograd.backward, outs, grads)
         fwd.append((u.tokens[units], tf))
-        bwd.append((u.tokens[units], tb))
+        bwd.append((u.tokens[units], _timed_backward(outs)))
     return fwd, bwd
 
 
