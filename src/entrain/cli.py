@@ -297,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds a rank waits for a message before failing (default 300)",
     )
-    tr.add_argument("--out", default=None, help="directory for metrics.jsonl and trace.json")
+    tr.add_argument(
+        "--out",
+        default=None,
+        help="run directory: metrics.jsonl, samples.jsonl (sample ids per step), config.json, "
+        "trace.json, skipped.jsonl",
+    )
     tr.add_argument("--trace", action="store_true", help="write a Perfetto trace of the last step")
     tr.add_argument("--no-shuffle", action="store_true", help="keep manifest order")
     tr.add_argument("--save-params", action="store_true", help="save parameters at the end (tests)")
