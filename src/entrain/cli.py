@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from entrain.cli_common import UserError, progress_bar, stdout_console
+from entrain.cli_data import add_manifest_parser
 from entrain.cli_plan import cmd_plan, cmd_simulate
 from entrain.cli_train import cmd_demo_data, cmd_profile, cmd_report, cmd_runs, cmd_train
 from entrain.models.presets import PRESETS
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-o", "--output", required=True, help="manifest file to write (.jsonl)")
     gen.set_defaults(func=cmd_trace_generate)
+
+    add_manifest_parser(sub)
 
     an = sub.add_parser(
         "analyze",
