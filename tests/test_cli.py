@@ -306,3 +306,25 @@ def test_subprocess(trace, tmp_path):
     lines = r.stderr.strip("\n").splitlines()
     assert len(lines) == 1 and lines[0].startswith("entrain: error:")
     assert f"{bad}:1:" in lines[0] and "text_tokens" in lines[0]
+
+
+def test_launcher_keeps_rank_errors_and_drops_torchrun_chatter():
+    from entrain.cli_train import _launcher_noise_removed
+
+    lines = [
+        "W1130 09:12:10.907000 28093 torch/distributed/run.py:874] Setting OMP_NUM_THREADS\n",
+        "*****************************************\n",
+        "entrain: error: 1 bad sample(s)\n",
+        "Traceback (most recent call last):\n",
+        '  File "x.py", line 1, in <module>\n',
+        "RuntimeError: a rank's own failure\n",
+        "E1130 09:12:42.256000 28197 api.py:1002] failed (exitcode: 2) local_rank: 1\n",
+        "Traceback (most recent call last):\n",
+        '  File "run.py", line 1032, in <module>\n',
+        "    main()\n",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n",
+        "=======\n",
+        "Root Cause (first observed failure):\n",
+    ]
+    kept = list(_launcher_noise_removed(lines))
+    assert kept == [lines[2], *lines[3:7], *lines[11:]]
