@@ -287,3 +287,26 @@ def test_records_and_workload_must_match(data: Path, base: Path):
     write_lines(data, recs[1:])
     with pytest.raises(ValueError, match="same manifest"):
         validate_samples(load_records(base), read_manifest(data), SPEC)
+
+
+def test_headers_only_misses_a_truncation_that_full_decoding_finds(tmp_path):
+    from PIL import Image
+
+    from entrain.models.load import load_spec
+    from entrain.runtime.demo_data import make_demo_data
+    from entrain.runtime.inputs import load_records
+    from entrain.runtime.validate import validate_samples
+    from entrain.workload.manifest import read_manifest
+
+    manifest = make_demo_data(tmp_path, 8, seed=1, audio_share=0.0)
+    rec = next(r for r in load_records(manifest) if r.images)
+    with Image.open(rec.images[0]) as im:
+        size = im.size
+    noise = Image.effect_noise(size, 80).convert("RGB")  # pixel data that does not compress
+    noise.save(rec.images[0])
+    data = rec.images[0].read_bytes()
+    rec.images[0].write_bytes(data[: len(data) // 2])
+    spec = load_spec("tiny")
+    args = (load_records(manifest), read_manifest(manifest), spec)
+    assert [b.id for b in validate_samples(*args)] == [rec.id]
+    assert validate_samples(*args, decode=False) == []

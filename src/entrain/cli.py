@@ -334,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=8192,
         help="most LLM tokens a sample may have (default 8192, the LLM's position limit)",
     )
+    tr.add_argument(
+        "--validate",
+        choices=("full", "headers", "off"),
+        default="full",
+        help="check every sample against its files before training: full decodes every "
+        "image (catches truncated files), headers reads only headers (fast on large data), "
+        "off skips it (default full)",
+    )
     ck = tr.add_argument_group("checkpoints")
     ck.add_argument(
         "--checkpoint-every",

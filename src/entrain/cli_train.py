@@ -49,6 +49,7 @@ TRAIN_FLAGS = (
     "max_deferred_tokens",
     "skip_bad",
     "max_sample_tokens",
+    "validate",
 )
 
 

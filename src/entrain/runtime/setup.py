@@ -93,8 +93,14 @@ class TrainConfig:
     samples over max_sample_tokens), logging each, instead of stopping."""
     max_sample_tokens: int = 8192
     """Most LLM tokens one sample may have (the runtime LLM's position limit)."""
+    validate: str = "full"
+    """Check samples against their files before training: "full" decodes every image
+    (catches truncated files), "headers" reads only headers (fast on large data; a file
+    broken past its header then fails when training reaches it), "off" skips the check."""
 
     def __post_init__(self) -> None:
+        if self.validate not in ("full", "headers", "off"):
+            raise ValueError(f"--validate must be full, headers or off, got {self.validate!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
         if self.max_deferred_tokens is not None and self.max_deferred_tokens < 0:

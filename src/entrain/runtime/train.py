@@ -201,10 +201,17 @@ class Trainer:
         from entrain.workload.manifest import read_manifest
 
         cfg = self.cfg
+        if cfg.validate == "off":
+            return []
         verdict: list = [None]
         if self.rank == 0:
             bad = validate_samples(
-                load_records(cfg.data), read_manifest(cfg.data), self.spec, cfg.max_sample_tokens
+                load_records(cfg.data),
+                read_manifest(cfg.data),
+                self.spec,
+                cfg.max_sample_tokens,
+                workers=min(8, os.cpu_count() or 1),
+                decode=cfg.validate == "full",
             )
             verdict = [bad]
         dist.broadcast_object_list(verdict, src=0)

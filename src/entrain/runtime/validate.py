@@ -86,6 +86,7 @@ def validate_samples(
     max_sample_tokens: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     workers: int = 1,
+    decode: bool = True,
 ) -> list[BadSample]:
     """Every sample whose files or sizes would fail in training, in manifest order.
 
@@ -104,7 +105,10 @@ def validate_samples(
       `cost_batch` counts them) do not exceed it.
 
     `on_progress(1)` is called once per sample checked. `workers` > 1 reads files in that
-    many threads (PIL and zlib decode outside the GIL); the result is the same.
+    many threads (PIL and zlib decode outside the GIL); the result is the same. With
+    `decode=False` images are checked from their headers only (existence, format, size):
+    much faster on a large data set, but a file corrupt or truncated past its header is
+    then found only when training reaches it.
     """
     if len(records) != len(workload) or any(
         r.id != i or r.line != int(ln) for r, i, ln in zip(records, workload.ids, workload.line)
@@ -156,7 +160,7 @@ def validate_samples(
     audio = _per_sample(workload.items["audio"], n)
 
     def check(s: int) -> list[tuple[str, str]]:
-        return _check_files(records[s], images[s], audio[s], audio_enc)
+        return _check_files(records[s], images[s], audio[s], audio_enc, decode)
 
     out: list[BadSample] = []
 
@@ -213,7 +217,11 @@ def _missing(path: Path) -> str | None:
 
 
 def _check_files(
-    rec: Record, image_sizes: np.ndarray, audio_seconds: np.ndarray, audio_enc: AudioSpec | None
+    rec: Record,
+    image_sizes: np.ndarray,
+    audio_seconds: np.ndarray,
+    audio_enc: AudioSpec | None,
+    decode: bool = True,
 ) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for modality, paths, sizes in (
@@ -226,7 +234,7 @@ def _check_files(
             )
     for k, (path, size) in enumerate(zip(rec.images, image_sizes)):
         where = f"image[{k}] ({path})"
-        why = _check_image(path, (int(size[0]), int(size[1])))
+        why = _check_image(path, (int(size[0]), int(size[1])), decode)
         if why:
             problems.append((why[0], f"{where}: {why[1]}"))
     for k, (path, size) in enumerate(zip(rec.audio, audio_seconds)):
@@ -237,15 +245,16 @@ def _check_files(
     return problems
 
 
-def _check_image(path: Path, want: tuple[int, int]) -> tuple[str, str] | None:
+def _check_image(path: Path, want: tuple[int, int], decode: bool = True) -> tuple[str, str] | None:
     missing = _missing(path)
     if missing:
         return MISSING_FILE, missing
     try:
         with Image.open(path) as im:
-            im.load()  # decodes every pixel: a corrupt or truncated file fails here
-            if im.mode != "RGB":
-                im.convert("RGB")  # as image_patches does; some modes cannot
+            if decode:
+                im.load()  # decodes every pixel: a corrupt or truncated file fails here
+                if im.mode != "RGB":
+                    im.convert("RGB")  # as image_patches does; some modes cannot
             have = (im.height, im.width)
     except Image.UnidentifiedImageError:
         return CORRUPT_IMAGE, "cannot decode: not an image format PIL recognizes"
