@@ -434,3 +434,21 @@ def test_profile_of_a_frozen_encoder_times_its_projector_on_the_llm_side(demo, t
     model = prof.cost_model()
     assert model["vision"].backward(np.array([100.0])).sum() == 0
     assert model.llm_projectors["vision"].forward(np.array([100.0])).sum() > 0
+
+
+def test_analyze_with_a_profile_balances_measured_seconds(tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(manifest, generate_workload("llava-instruct", 64, seed=2))
+    prof = tmp_path / "p.json"
+    _profile().save(prof)
+    base = ["analyze", str(manifest), "--model", TINY_VISION, "--dp", "1", "--microbatches"]
+    base += ["4", "--global-batch", "32", "--json"]
+    assert main(base) == 0
+    flops = json.loads(capsys.readouterr().out)
+    assert main([*base, "--profile", str(prof)]) == 0
+    secs = json.loads(capsys.readouterr().out)
+    assert (flops["cost_unit"], secs["cost_unit"]) == ("flop", "s")
+    # the per-run constants of the profile change what balanced means: other cvs
+    assert secs["policies"]["entrain"]["cv"] != flops["policies"]["entrain"]["cv"]
+    assert main([*base[:3], "tiny", *base[4:], "--profile", str(prof)]) == 2
+    assert "profiled model" in capsys.readouterr().err

@@ -109,9 +109,17 @@ def cmd_analyze(args: argparse.Namespace, err: Console) -> int:
         policies=tuple(args.policies),
         seed=args.seed,
     )
+    model = None
+    if args.profile:  # balance and measure in measured seconds instead of FLOPs
+        from entrain.cost.profile import load_profile
+
+        profile = load_profile(args.profile)
+        profile.check_spec(spec, args.profile)
+        model = profile.cost_model()
     total = cfg.iterations * cfg.global_batch if cfg.iterations else None
     with progress_bar("reading samples", total, err) as advance:
-        result = analyze(args.manifest, spec, cfg, on_progress=advance)
+        result = analyze(args.manifest, spec, cfg, cost_model=model, on_progress=advance)
+    result["cost_unit"] = "s" if model else "flop"
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -205,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="shuffle the samples with this seed before batching, as a training epoch "
         "would (default: manifest order; reads the whole manifest)",
+    )
+    an.add_argument(
+        "--profile",
+        default=None,
+        help="measured profile (entrain profile): work in measured seconds, not FLOPs",
     )
     an.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     an.set_defaults(func=cmd_analyze)
