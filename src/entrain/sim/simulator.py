@@ -234,13 +234,13 @@ def simulate(
             u.llm_tokens * spec.llm.hidden_size if trains else u.tokens * enc.encoder.hidden_size
         ).astype(np.float64)
         pair, inv = np.unique(ebin * B + ubin, return_inverse=True)
-        pair_lat = np.bincount(inv, weights=values) * value_bytes / link + hw.latency
+        pair_values = np.bincount(inv, weights=values)
+        pair_lat = pair_values * value_bytes / link + hw.latency
         src, dst = np.divmod(pair, B)
         # embeddings: one message per (encoder bin, LLM replica), all of it there when the
         # first LLM microbatch of the replica that needs it starts
         msg, msg_inv = np.unique(src * D + dst // M, return_inverse=True)
-        msg_lat = np.bincount(msg_inv, weights=np.bincount(inv, weights=values)) * value_bytes
-        msg_lat = msg_lat / link + hw.latency
+        msg_lat = np.bincount(msg_inv, weights=pair_values) * value_bytes / link + hw.latency
         first = np.full(len(msg), B, dtype=np.int64)
         np.minimum.at(first, msg_inv, dst)
         for a, b, m in zip(src.tolist(), dst.tolist(), msg_inv.tolist()):
