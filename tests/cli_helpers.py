@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from entrain.cli import main
 
+# every policy by name, as a user types them (a literal: the CLI must keep these names)
+ALL_POLICIES = [
+    "sequential",
+    "llm-balanced",
+    "encoder-balanced",
+    "joint",
+    "encoder-rebalance",
+    "entrain",
+]
+
 
 def run_ok(capsys, argv: list[str]) -> tuple[str, str]:
     rc = main(argv)

@@ -7,21 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from cli_helpers import run_ok, run_user_error
+from cli_helpers import ALL_POLICIES, run_ok, run_user_error
 
 from entrain.cli import main
 from entrain.schedule import BASELINES, POLICIES
 from entrain.workload import read_manifest
 from entrain.workload.traces import write_trace
 
-ALL_POLICIES = [
-    "sequential",
-    "llm-balanced",
-    "encoder-balanced",
-    "joint",
-    "encoder-rebalance",
-    "entrain",
-]
 ANALYZE = [
     "--model",
     "qwen2-vl-7b",

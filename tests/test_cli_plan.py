@@ -5,18 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from cli_helpers import run_ok, run_user_error
+from cli_helpers import ALL_POLICIES, run_ok, run_user_error
 
 from entrain.cli import main
 
-ALL_POLICIES = [
-    "sequential",
-    "llm-balanced",
-    "encoder-balanced",
-    "joint",
-    "encoder-rebalance",
-    "entrain",
-]
 COMMON = [
     "--model",
     "omni-7b",
