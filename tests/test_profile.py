@@ -452,3 +452,21 @@ def test_analyze_with_a_profile_balances_measured_seconds(tmp_path, capsys):
     assert secs["policies"]["entrain"]["cv"] != flops["policies"]["entrain"]["cv"]
     assert main([*base[:3], "tiny", *base[4:], "--profile", str(prof)]) == 2
     assert "profiled model" in capsys.readouterr().err
+
+
+def test_replay_leaves_out_the_samples_the_run_skipped(tmp_path):
+    """A run with --skip-bad trained on the manifest less its bad samples; its replay must
+    draw its batches from the same reduced data."""
+    run, profile = _run_dir(tmp_path)
+    w = read_manifest(tmp_path / "m.jsonl")
+    gone = w.ids[3]
+    (run / "skipped.jsonl").write_text(json.dumps({"id": gone, "line": 4, "reason": "x"}) + "\n")
+    rep = replay_run(run)
+    spec, prof = load_spec(TINY_VISION), load_profile(profile)
+    kept = w.take(np.array([i for i in range(len(w)) if i != 3]))
+    plan = ParallelPlan(dp=1, llm_pp=1, microbatches=4, encoder_tp={"vision": 1})
+    for s in rep.steps:
+        take = batch_indices(len(kept), s.step, 16, 0, True)
+        b = cost_batch(kept.take(take), spec, prof.cost_model())
+        want = simulate(b, assign("entrain", b, 1, 4, 1, None), spec, plan, prof.hardware(), "s")
+        assert s.simulated == pytest.approx(want.iter_time)

@@ -198,13 +198,12 @@ def run_sections(run_dir: Path) -> list[Section]:
         if (run_dir / "config.json").exists()
         else {}
     )
-    replay = None
-    sim_events: list = []
+    replay = replayer = None
     if cfg.get("profile"):
-        from entrain.sim.replay import replay_run
+        from entrain.sim.replay import RunReplayer
 
-        rep = replay_run(run_dir)
-        replay = [s.simulated for s in rep.steps]
+        replayer = RunReplayer(run_dir)
+        replay = [replayer.simulate(r["step"]).iter_time for r in rows]
     intro = (
         f"policy {cfg.get('policy', '?')}, model {Path(str(cfg.get('model', '?'))).name}, "
         f"{cfg.get('world', '?')} ranks, global batch {cfg.get('global_batch', '?')} in "
@@ -223,31 +222,11 @@ def run_sections(run_dir: Path) -> list[Section]:
     trace = run_dir / "trace.json"
     if trace.exists():
         panels = [("as it ran (last step, from trace.json)", _trace_events(trace))]
-        if cfg.get("profile"):
-            sim_events = _simulated_events(run_dir, cfg, rows[-1]["step"])
-            panels.append(("the simulator's replay of the same step", sim_events))
+        if replayer is not None:
+            events = replayer.simulate(rows[-1]["step"], record_events=True).events
+            panels.append(("the simulator's replay of the same step", events))
         out.append(Section("Pipeline timeline", "", [timeline_figure(panels)]))
     return out
-
-
-def _simulated_events(run_dir: Path, cfg: dict, step: int) -> list:
-    from entrain.cost.batch import cost_batch
-    from entrain.cost.profile import load_profile
-    from entrain.models.load import load_spec
-    from entrain.schedule import assign
-    from entrain.schedule.parallel import ParallelPlan
-    from entrain.sim.simulator import simulate
-    from entrain.workload.columnar import batch_indices
-    from entrain.workload.manifest import read_manifest
-
-    spec, prof = load_spec(cfg["model"]), load_profile(cfg["profile"])
-    plan = ParallelPlan.from_dict(cfg["plan"])
-    w = read_manifest(cfg["data"])
-    w = w.take(batch_indices(len(w), step, cfg["global_batch"], cfg["seed"], cfg["shuffle"]))
-    b = cost_batch(w, spec, prof.cost_model())
-    asg = assign(cfg["policy"], b, plan.dp, plan.microbatches, cfg["lookahead"], cfg["pool"],
-                 max_deferred_tokens=cfg.get("max_deferred_tokens"))  # fmt: skip
-    return simulate(b, asg, spec, plan, prof.hardware(), "s", record_events=True).events
 
 
 # ------------------------------------------------------------------------------------- page

@@ -15,12 +15,14 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from entrain.cost.batch import cost_batch
 from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import load_spec
 from entrain.schedule import assign
 from entrain.schedule.parallel import ParallelPlan
-from entrain.sim.simulator import simulate
+from entrain.sim.simulator import SimResult, simulate
 from entrain.workload.columnar import batch_indices
 from entrain.workload.manifest import read_manifest
 
@@ -90,45 +92,66 @@ def _run_files(run_dir: Path) -> tuple[dict, list[dict]]:
     return cfg, rows
 
 
+class RunReplayer:
+    """A run's configuration, data and costs, ready to simulate any of its steps as the
+    runtime ran it: the same global batch (bad samples the run skipped left out), the same
+    assignment (balanced with the cost model the run balanced with: its profile, or FLOPs),
+    timed with a measured profile (default: the run's own)."""
+
+    def __init__(self, run_dir: str | Path, profile: Profile | str | None = None):
+        run_dir = Path(run_dir)
+        self.cfg, self.rows = _run_files(run_dir)
+        cfg = self.cfg
+        self.spec = load_spec(cfg["model"])
+        if profile is None:
+            if not cfg.get("profile"):
+                raise ValueError(
+                    f"{run_dir} was trained without --profile; pass one (`entrain profile`) to "
+                    "give the simulator measured seconds"
+                )
+            profile = cfg["profile"]
+        if not isinstance(profile, Profile):
+            profile = load_profile(profile)
+        profile.check_spec(self.spec)
+        self.timing = profile.cost_model()
+        self.balancing = load_profile(cfg["profile"]).cost_model() if cfg.get("profile") else None
+        self.hw = profile.hardware()
+        self.plan = ParallelPlan.from_dict(cfg["plan"])
+        workload = read_manifest(cfg["data"])
+        skipped = run_dir / "skipped.jsonl"
+        if skipped.exists():  # the runtime trained without these: its data order skips them
+            bad = {json.loads(x)["id"] for x in skipped.read_text(encoding="utf-8").splitlines()}
+            workload = workload.take(np.flatnonzero([i not in bad for i in workload.ids]))
+        self.workload = workload
+
+    def simulate(self, step: int, record_events: bool = False) -> SimResult:
+        cfg, spec, plan = self.cfg, self.spec, self.plan
+        idx = batch_indices(
+            len(self.workload), step, cfg["global_batch"], cfg["seed"], cfg["shuffle"]
+        )
+        w = self.workload.take(idx)
+        asg = assign(
+            cfg["policy"],
+            cost_batch(w, spec, self.balancing),
+            plan.dp,
+            plan.microbatches,
+            cfg["lookahead"],
+            cfg["pool"],
+            max_deferred_tokens=cfg.get("max_deferred_tokens"),
+        )
+        timed = cost_batch(w, spec, self.timing)
+        return simulate(timed, asg, spec, plan, self.hw, "s", record_events=record_events)
+
+
 def replay_run(
     run_dir: str | Path, profile: Profile | str | None = None, warmup: int = 2
 ) -> Replay:
     """Simulate every recorded step of a run with a measured profile (default: the one the
     run trained with)."""
-    run_dir = Path(run_dir)
-    cfg, rows = _run_files(run_dir)
-    spec = load_spec(cfg["model"])
-    if profile is None:
-        if not cfg.get("profile"):
-            raise ValueError(
-                f"{run_dir} was trained without --profile; pass one (`entrain profile`) to "
-                "give the simulator measured seconds"
-            )
-        profile = cfg["profile"]
-    if not isinstance(profile, Profile):
-        profile = load_profile(profile)
-    profile.check_spec(spec)
-    timing = profile.cost_model()
-    # the assignment must be the runtime's: balanced with the run's own profile, or FLOPs
-    balancing = load_profile(cfg["profile"]).cost_model() if cfg.get("profile") else None
-    hw = profile.hardware()
-    plan = ParallelPlan.from_dict(cfg["plan"])
-    workload = read_manifest(cfg["data"])
+    rp = RunReplayer(run_dir, profile)
     out = []
-    for row in rows:
-        idx = batch_indices(
-            len(workload), row["step"], cfg["global_batch"], cfg["seed"], cfg["shuffle"]
-        )
-        w = workload.take(idx)
-        asg = assign(
-            cfg["policy"],
-            cost_batch(w, spec, balancing),
-            plan.dp,
-            plan.microbatches,
-            cfg["lookahead"],
-            cfg["pool"],
-        )
-        res = simulate(cost_batch(w, spec, timing), asg, spec, plan, hw, "s")
+    for row in rp.rows:
+        res = rp.simulate(row["step"])
         out.append(
             StepReplay(
                 step=row["step"],
@@ -138,4 +161,4 @@ def replay_run(
                 simulated_busy=res.busy,
             )
         )
-    return Replay(run=str(run_dir), policy=cfg["policy"], steps=out, warmup=warmup)
+    return Replay(run=str(run_dir), policy=rp.cfg["policy"], steps=out, warmup=warmup)
