@@ -113,8 +113,7 @@ def cmd_analyze(args: argparse.Namespace, err: Console) -> int:
     if args.profile:  # balance and measure in measured seconds instead of FLOPs
         from entrain.cost.profile import load_profile
 
-        profile = load_profile(args.profile)
-        profile.check_spec(spec, args.profile)
+        profile = load_profile(args.profile, spec)
         model = profile.cost_model()
     total = cfg.iterations * cfg.global_batch if cfg.iterations else None
     with progress_bar("reading samples", total, err) as advance:

@@ -26,8 +26,7 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
     if args.profile:  # measured seconds and the measured machine instead of FLOPs
         from entrain.cost.profile import load_profile
 
-        profile = load_profile(args.profile)
-        profile.check_spec(spec, args.profile)
+        profile = load_profile(args.profile, spec)
         model, unit, hw = profile.cost_model(), "s", profile.hardware(fallback=hw)
     gb = args.global_batch or 16 * args.gpus
     with progress_bar("reading samples", args.iterations * gb, err) as advance:

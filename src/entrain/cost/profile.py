@@ -178,8 +178,9 @@ def _fits(d, where: str) -> dict[str, dict[str, FitResult]]:
     return out
 
 
-def load_profile(path: str | os.PathLike) -> Profile:
-    """Read and check a profile; every problem is a ProfileError naming the field."""
+def load_profile(path: str | os.PathLike, spec: ModelSpec | None = None) -> Profile:
+    """Read and check a profile (and, given `spec`, that it is of that model); every problem
+    is a ProfileError naming the field."""
     path = str(path)
     try:
         with open(path, encoding="utf-8") as f:
@@ -211,7 +212,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
             runs=int(_number(p2p.get("runs", 0), f"{path}: hardware.p2p.runs")),
         )
     step = _object(d.get("step", {}), f"{path}: step")
-    return Profile(
+    profile = Profile(
         model=d["model"],
         modules=modules,
         llm_projectors=_fits(d.get("llm_projectors", {}), f"{path}: llm_projectors"),
@@ -226,3 +227,6 @@ def load_profile(path: str | os.PathLike) -> Profile:
         ),
         host=_object(d.get("host", {}), f"{path}: host"),
     )
+    if spec is not None:
+        profile.check_spec(spec, path)
+    return profile

@@ -239,8 +239,7 @@ class EntrainBatchSampler(Sampler[list[int]]):
         self.spec = model if isinstance(model, ModelSpec) else load_spec(model)
         self.cost_model: CostModel | None = None
         if profile is not None:
-            prof = load_profile(profile)
-            prof.check_spec(self.spec, str(profile))
+            prof = load_profile(profile, self.spec)
             self.cost_model = prof.cost_model()
         if len(self.workload) < global_batch:
             raise ValueError(
