@@ -183,9 +183,7 @@ class LLMWorker:
                         if src not in got:
                             e, rs, k = src
                             meta, tensors = mail.recv(
-                                self.rank_of(Role(e, rs)),
-                                make_tag(EMBED, self.encoder_index[e], k, 0),
-                                it.embed_cap(e, it.sends_of(e, rs, k)[r]),
+                                *self._embeddings_from(it, src),
                                 f"{e} embeddings of encoder microbatch {k} (replica {rs})",
                             )
                             for u, t in zip(meta, tensors):
@@ -277,12 +275,20 @@ class LLMWorker:
             return
         for src in it.embed_sources(r, j):
             if src not in got:
-                e, rs, k = src
-                mail.expect(
-                    self.rank_of(Role(e, rs)),
-                    make_tag(EMBED, self.encoder_index[e], k, 0),
-                    it.embed_cap(e, it.sends_of(e, rs, k)[r]),
-                )
+                mail.expect(*self._embeddings_from(it, src))
+
+    def _embeddings_from(
+        self, it: IterationPlan, src: tuple[str, int, int]
+    ) -> tuple[int, int, int]:
+        """(rank, tag, capacity) of the message of encoder microbatch src = (encoder,
+        replica, microbatch) to this replica: what posting and taking it must agree on."""
+        e, rs, k = src
+        units = it.sends_of(e, rs, k)[self.role.replica]
+        return (
+            self.rank_of(Role(e, rs)),
+            make_tag(EMBED, self.encoder_index[e], k, 0),
+            it.embed_cap(e, units),
+        )
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]
