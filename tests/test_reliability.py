@@ -143,7 +143,7 @@ def test_resume_from_an_empty_folder_starts_at_step_zero(data, tmp_path):
 
 
 def _lose_peer(rank: int, init: str, q) -> None:
-    from entrain.runtime.comm import ACT, Mailbox, PeerLost, make_tag
+    from entrain.runtime.comm import Mailbox, PeerLost, Transfer
 
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -154,9 +154,10 @@ def _lose_peer(rank: int, init: str, q) -> None:
         os._exit(1)  # dies without a word, mid-iteration
     t0 = time.perf_counter()
     try:
-        Mailbox(datetime.timedelta(seconds=60)).recv(
-            1, make_tag(ACT, 0, 0, 2), 64, "activations of LLM microbatch 2"
-        )
+        mail = Mailbox(datetime.timedelta(seconds=60))
+        what = "activations of LLM microbatch 2"
+        mail.begin([Transfer(("act", 0, 0, 2), 1, 0, (), 64, what)])
+        mail.recv(("act", 0, 0, 2))
         q.put(("no error", 0.0))
     except PeerLost as e:
         q.put((str(e), time.perf_counter() - t0))

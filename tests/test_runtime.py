@@ -169,16 +169,17 @@ def test_empty_microbatches_text_only_and_deferral(tmp_path):
 
 
 def _waiter(rank: int, init: str, q) -> None:
-    from entrain.runtime.comm import ACT, Mailbox, TransferTimeout, make_tag
+    from entrain.runtime.comm import Mailbox, Transfer, TransferTimeout
 
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30)
     )
     if rank == 0:
         try:
-            Mailbox(datetime.timedelta(seconds=2)).recv(
-                1, make_tag(ACT, 0, 0, 3), 64, "activations of LLM microbatch 3"
-            )
+            mail = Mailbox(datetime.timedelta(seconds=2))
+            what = "activations of LLM microbatch 3"
+            mail.begin([Transfer(("act", 0, 0, 3), 1, 0, (), 64, what)])
+            mail.recv(("act", 0, 0, 3))
             q.put("no error")
         except TransferTimeout as e:
             q.put(str(e))

@@ -1,33 +1,43 @@
-"""Point-to-point transfer of variable-shape tensors, one message per transfer, receives
-posted ahead. Never pickled; peers are addressed by global rank.
+"""Point-to-point transfer of variable-shape tensors in an order both sides derive from the
+plan: the order NCCL needs, kept on gloo too so the CPU tests run the protocol the GPUs run.
 
-A message is bytes: the header's length, the header (meta, then each tensor's shape, as
-int64), then one flat float32 payload. The receiver posts its receive early, as soon as it
-knows the transfer will come (every rank derives every transfer of an iteration from the
-plan), into a buffer of the transfer's capacity: an upper bound on its size that both sides
-compute from the plan. Why: a gloo receive is a rendezvous (the sender holds the data until
-the receiver says it is ready), and a header-then-payload protocol pays that round trip
-per message, each time waiting for the sender's communication thread to get its busy core
-back. With one message and the receive already posted, data moves while both sides compute.
+Every rank derives every transfer of an iteration from the plan (runtime/transfers.py): who
+sends it to whom, which sample or unit ids it carries, its size in bytes, and, per directed
+pair of ranks, the order the sender sends them in. That order is the contract:
 
-Every transfer has a tag built from what it carries (kind, encoder, microbatches), so a
-receiver can take messages in the order it needs them, whatever order they were sent in.
-Sends are non-blocking (isend); the caller keeps the handles and waits at the end of the
-iteration. A receive that waits longer than the timeout raises an error naming what it
-waited for and from which rank.
+- A sender sends each pair's transfers in exactly that order (a send out of order is a bug
+  in the runtime and raises at once, naming both transfers).
+- A receiver posts its receives on a pair in the same order. Taking transfer n posts every
+  earlier one of that pair first (their data is on the way: the sender sent them before n)
+  and keeps them until asked for. NCCL matches sends to receives per pair in issue order,
+  ignoring tags; gloo is given tag 0 everywhere, so it matches the same way and an ordering
+  bug shows on CPU as a wrong id list or a size mismatch, not only on a GPU.
+- Every message has exactly its transfer's size (padded up to it): NCCL needs the send and
+  the receive to agree on the count.
+- Each direction of a pair gets a process group of its own (`edge_groups`). NCCL runs a
+  communicator's operations in issue order on one stream, so with one group per pair a
+  receive posted ahead would hold up the sends in the other direction (an LLM stage waiting
+  for microbatch 2's embeddings could not send microbatch 0's gradients the encoder needs to
+  get there: a deadlock). With a group per direction a channel carries one way only.
+
+A message is bytes: the header's length, the header (ids, then each tensor's shape, as
+int64), one flat float32 payload, zero padding. Receives are posted early (as soon as the
+caller knows it will need them), into buffers on the compute device, so data moves while
+both sides compute. A receive that waits longer than the timeout raises an error naming
+what it waited for and from which rank.
 """
 
 from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-EMBED, EMBED_GRAD, ACT, ACT_GRAD = 0, 1, 2, 3
 SLACK_ROWS = 4
 """Rows of headroom per tensor in a capacity (sizes the plan derives from a manifest may be
 off by a rounding from what the files give)."""
@@ -50,10 +60,25 @@ class TransferTooLarge(RuntimeError):
     the manifest describes."""
 
 
-def make_tag(kind: int, encoder: int, enc_mb: int, llm_mb: int) -> int:
-    """A tag unique per transfer within an iteration."""
-    assert enc_mb < 4096 and llm_mb < 4096 and encoder < 8
-    return ((kind * 8 + encoder) * 4096 + enc_mb) * 4096 + llm_mb
+class OutOfOrder(RuntimeError):
+    """The runtime sent or received against the order both sides derived from the plan: a
+    bug in the runtime, not in the data (on NCCL it would have delivered the wrong data)."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message of an iteration, as both ends know it before it is sent."""
+
+    key: tuple
+    """What it carries, e.g. ("act", replica, stage, microbatch); unique in the iteration."""
+    src: int
+    dst: int
+    ids: tuple[int, ...]
+    """The sample or unit ids it carries, one per tensor, in order."""
+    size: int
+    """Bytes on the wire, exactly (the sender pads up to it)."""
+    what: str
+    """Words for error messages."""
 
 
 def capacity(meta: int, rows: Sequence[int], width: int) -> int:
@@ -64,20 +89,23 @@ def capacity(meta: int, rows: Sequence[int], width: int) -> int:
     return 8 * header + 4 * values
 
 
-def _pack(tensors: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+def _pack(tensors: list[torch.Tensor], meta: Sequence[int], size: int, device) -> torch.Tensor:
     header = [len(meta), *meta, len(tensors)]
     for t in tensors:
         header += [t.dim(), *t.shape]
-    head = torch.tensor([len(header), *header], dtype=torch.int64).view(torch.uint8)
-    if not tensors:
-        return head
-    payload = torch.cat([t.detach().reshape(-1).float() for t in tensors]).view(torch.uint8)
-    return torch.cat([head, payload])
+    head = torch.tensor([len(header), *header], dtype=torch.int64).view(torch.uint8).to(device)
+    parts = [head]
+    if tensors:
+        parts.append(torch.cat([t.detach().reshape(-1).float() for t in tensors]).view(torch.uint8))
+    used = sum(p.numel() for p in parts)
+    if used < size:
+        parts.append(torch.zeros(size - used, dtype=torch.uint8, device=device))
+    return torch.cat(parts)  # longer than size when too large: the caller raises
 
 
 def _unpack(buf: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
-    n = int(buf[:8].view(torch.int64))
-    h = buf[8 : 8 * (n + 1)].view(torch.int64).tolist()
+    n = int(buf[:8].cpu().view(torch.int64))
+    h = buf[8 : 8 * (n + 1)].cpu().view(torch.int64).tolist()
     meta = h[1 : 1 + h[0]]
     i = 1 + h[0]
     shapes = []
@@ -92,60 +120,115 @@ def _unpack(buf: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
     return meta, [p.reshape(s).clone() for p, s in zip(parts, shapes)]  # leaves of their own
 
 
+def edge_groups(edges: Iterable[tuple[int, int]]) -> dict[tuple[int, int], object]:
+    """A process group per directed pair (src, dst) that will carry transfers. Every rank
+    must call this with the same edges in the same order (torch.distributed's rule for
+    new_group); the order here is sorted, whatever the caller's."""
+    return {e: dist.new_group(sorted(e)) for e in sorted(set(edges))}
+
+
 @dataclass
 class Mailbox:
-    """Receives posted ahead, and sends in flight (their buffers live until the iteration
-    ends)."""
+    """One rank's sends and receives of an iteration, in the plan's per-pair order."""
 
     timeout: datetime.timedelta
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    groups: dict = field(default_factory=dict)
+    """(src, dst) -> process group of that direction (missing: the default group)."""
     pending: list = field(default_factory=list)
     posted: dict = field(default_factory=dict)
+    _out: dict = field(default_factory=dict)
+    _in: dict = field(default_factory=dict)
+    _in_by_key: dict = field(default_factory=dict)
+    _out_by_key: dict = field(default_factory=dict)
 
-    def send(
-        self, tensors: list[torch.Tensor], meta: list[int], dst: int, tag: int, cap: int, what: str
-    ) -> None:
-        """Send float32 tensors of any shapes plus integers (sample or unit ids) as one
-        message of at most `cap` bytes."""
-        msg = _pack(tensors, meta)
-        if msg.numel() > cap:
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            raise TransferTooLarge(
-                f"rank {rank}: {what} is {msg.numel()} bytes, more than the "
-                f"{cap} the plan allows; do the files match the sizes in the manifest?"
+    def begin(self, transfers: Iterable[Transfer]) -> None:
+        """Take the iteration's transfers that start or end here, each pair's in the order
+        its sender sends them."""
+        rank = dist.get_rank()
+        self._out, self._in, self._in_by_key, self._out_by_key = {}, {}, {}, {}
+        for t in transfers:
+            if t.src == rank:
+                self._out.setdefault(t.dst, deque()).append(t)
+                self._out_by_key[t.key] = t
+            elif t.dst == rank:
+                self._in.setdefault(t.src, deque()).append(t)
+                self._in_by_key[t.key] = t
+
+    def send(self, key: tuple, tensors: list[torch.Tensor]) -> None:
+        """Send float32 tensors of any shapes as transfer `key`; the next of its pair."""
+        t = self._out_by_key.get(key)
+        if t is None:
+            raise OutOfOrder(f"rank {dist.get_rank()} sends {key}, which the plan does not have")
+        queue = self._out[t.dst]
+        if queue[0] is not t:
+            raise OutOfOrder(
+                f"rank {dist.get_rank()} sends {key} to rank {t.dst}, but the plan's order "
+                f"sends {queue[0].key} first"
             )
-        self.pending.append((msg, dist.isend(msg, dst, tag=tag)))
+        queue.popleft()
+        msg = _pack(tensors, t.ids, t.size, self.device)
+        if msg.numel() > t.size:
+            raise TransferTooLarge(
+                f"rank {dist.get_rank()}: {t.what} is {msg.numel()} bytes, more than the "
+                f"{t.size} the plan allows; do the files match the sizes in the manifest?"
+            )
+        group = self.groups.get((t.src, t.dst))
+        self.pending.append((msg, t, dist.isend(msg, t.dst, group=group)))
 
-    def expect(self, src: int, tag: int, cap: int) -> None:
-        """Post the receive of a transfer that will come, so it can land whenever it is sent."""
-        if (src, tag) not in self.posted:
-            buf = torch.empty(cap, dtype=torch.uint8)
-            self.posted[(src, tag)] = (buf, dist.irecv(buf, src, tag=tag))
+    def expect(self, key: tuple) -> None:
+        """Post the receive of transfer `key` (and of every earlier one from its sender) so it
+        can land whenever it is sent."""
+        t = self._in_by_key.get(key)
+        if t is None:
+            raise OutOfOrder(f"rank {dist.get_rank()} expects {key}, which the plan does not have")
+        if key in self.posted:
+            return
+        queue = self._in[t.src]
+        while queue:
+            nxt = queue.popleft()
+            buf = torch.empty(nxt.size, dtype=torch.uint8, device=self.device)
+            work = dist.irecv(buf, nxt.src, group=self.groups.get((nxt.src, nxt.dst)))
+            self.posted[nxt.key] = (buf, work, nxt)
+            if nxt is t:
+                return
+        raise OutOfOrder(f"rank {dist.get_rank()} takes {key} a second time")
 
-    def recv(self, src: int, tag: int, cap: int, what: str) -> tuple[list[int], list[torch.Tensor]]:
-        """The (meta, tensors) of one `send` (posting its receive now if it was not)."""
-        self.expect(src, tag, cap)
-        buf, work = self.posted.pop((src, tag))
-        self._wait(work, src, what)
-        return _unpack(buf)
+    def recv(self, key: tuple) -> tuple[list[int], list[torch.Tensor]]:
+        """The (ids, tensors) of transfer `key`."""
+        self.expect(key)
+        buf, work, t = self.posted.pop(key)
+        self._wait(work, t.src, f"{t.what} from rank {t.src}")
+        meta, tensors = _unpack(buf)
+        if tuple(meta) != t.ids:
+            raise OutOfOrder(
+                f"rank {dist.get_rank()} took {t.what} from rank {t.src} but got ids "
+                f"{meta[:8]}, not {list(t.ids[:8])}: the two sides' orders differ"
+            )
+        return meta, tensors
 
-    def _wait(self, work, src: int, what: str) -> None:
+    def _wait(self, work, peer: int, what: str) -> None:
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
                 raise TransferTimeout(
                     f"rank {dist.get_rank()} waited more than "
-                    f"{self.timeout.total_seconds():.0f} s for {what} from rank {src}: {e}"
+                    f"{self.timeout.total_seconds():.0f} s for {what}: {e}"
                 ) from None
             raise PeerLost(
-                f"rank {dist.get_rank()} lost rank {src} while waiting for {what} "
+                f"rank {dist.get_rank()} lost rank {peer} while waiting for {what} "
                 f"(did that process die? see its log): {e}"
             ) from None
 
     def flush(self) -> None:
-        """Wait for every send of the iteration (their receivers have posted by now)."""
-        for msg, work in self.pending:
-            self._wait(work, -1, f"a send of {msg.numel()} bytes to complete")
+        """Wait for every send of the iteration; check every transfer was made and taken."""
+        for _msg, t, work in self.pending:
+            self._wait(work, t.dst, f"the send of {t.what} to rank {t.dst} to complete")
         self.pending.clear()
-        if self.posted:
-            raise RuntimeError(f"receives posted but never taken: {sorted(self.posted)[:4]}")
+        left = [t.key for q in (*self._out.values(), *self._in.values()) for t in q]
+        left += list(self.posted)
+        if left:
+            raise OutOfOrder(
+                f"rank {dist.get_rank()}: transfers of the plan never sent or taken: {left[:4]}"
+            )

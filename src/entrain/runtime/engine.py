@@ -16,43 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from entrain.runtime.comm import ACT, ACT_GRAD, EMBED, EMBED_GRAD, Mailbox, make_tag
+from entrain.runtime.comm import Mailbox
 from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.modules import LLMStage
-from entrain.schedule.parallel import ParallelPlan
+from entrain.runtime.transfers import Role, act_grad_key, act_key, embed_grad_key, embed_key
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
-
-
-@dataclass(frozen=True)
-class Role:
-    """What a rank holds: an encoder (stage is 0) or an LLM stage, in one replica."""
-
-    module: str
-    replica: int
-    stage: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.module if self.module != "llm" else f"llm.s{self.stage}"
-
-
-def roles(plan: ParallelPlan, encoders: list[str]) -> list[Role]:
-    """The role of every rank, rank order (ParallelPlan's layout: per replica, encoders, then
-    LLM stages). The runtime runs each encoder and each stage on one rank (TP 1, one copy)."""
-    if (
-        plan.llm_tp != 1
-        or any(tp != 1 for tp in plan.encoder_tp.values())
-        or any(d != 1 for d in plan.encoder_dp.values())
-    ):
-        raise ValueError(
-            "the runtime runs every module group on one rank per replica (TP 1, one copy)"
-        )
-    out = []
-    for r in range(plan.dp):
-        out += [Role(e, r) for e in encoders]
-        out += [Role("llm", r, s) for s in range(plan.llm_pp)]
-    return out
-
 
 POST_AHEAD = 2
 """A stage posts the input receives of microbatch j + POST_AHEAD when it starts microbatch
@@ -86,21 +54,15 @@ class EncoderWorker:
     def __init__(
         self,
         role: Role,
-        index: int,
         trains: bool,
         encode: Callable[[list[int]], list[torch.Tensor]],
-        rank_of: Callable[[Role], int],
     ):
-        self.role, self.index, self.trains = role, index, trains
-        self.encode, self.rank_of = encode, rank_of
+        self.role, self.trains, self.encode = role, trains, encode
 
     def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats) -> None:
         e, r = self.role.module, self.role.replica
-        P = it.llm_stages
         outputs: dict[int, list[torch.Tensor]] = {}
-        idx = self.index
-        llm0 = {d: self.rank_of(Role("llm", d, 0)) for d in range(it.asg.dp)}
-        for kind, k in encoder_actions(it.need(e, r), P, self.trains):
+        for kind, k in encoder_actions(it.need(e, r), it.llm_stages, self.trains):
             units = it.enc_mb.get((e, r, k), [])
             t0 = time.perf_counter()
             if kind == "F":
@@ -110,27 +72,14 @@ class EncoderWorker:
                 outputs[k] = embs
                 stats.timed(f"F{k}", t0)
                 if self.trains:  # the gradients of these units will come back: post for them
-                    for (dest, j), us in it.grad_sources(e, r, k).items():
-                        cap = it.embed_cap(e, us)
-                        mail.expect(llm0[dest], make_tag(EMBED_GRAD, idx, k, j), cap)
+                    for dest, j in it.grad_sources(e, r, k):
+                        mail.expect(embed_grad_key(e, r, k, dest, j))
                 for dest, us in it.sends_of(e, r, k).items():
-                    mail.send(
-                        [by_unit[u] for u in us],
-                        us,
-                        llm0[dest],
-                        make_tag(EMBED, idx, k, 0),
-                        it.embed_cap(e, us),
-                        f"{e} embeddings of encoder microbatch {k}",
-                    )
+                    mail.send(embed_key(e, r, k, dest), [by_unit[u] for u in us])
             else:
                 grads: dict[int, torch.Tensor] = {}
-                for (dest, j), us in it.grad_sources(e, r, k).items():
-                    meta, tensors = mail.recv(
-                        llm0[dest],
-                        make_tag(EMBED_GRAD, idx, k, j),
-                        it.embed_cap(e, us),
-                        f"gradients of {e} microbatch {k} (LLM replica {dest}, microbatch {j})",
-                    )
+                for dest, j in it.grad_sources(e, r, k):
+                    meta, tensors = mail.recv(embed_grad_key(e, r, k, dest, j))
                     grads.update(zip(meta, tensors))
                 t0 = time.perf_counter()
                 if units:
@@ -149,17 +98,10 @@ class LLMWorker:
         stage: LLMStage,
         text: Callable[[int], torch.Tensor],
         projectors: dict[str, nn.Module],
-        encoder_index: dict[str, int],
         encoder_trains: dict[str, bool],
-        rank_of: Callable[[Role], int],
     ):
         self.role, self.stage, self.text = role, stage, text
-        self.projectors, self.encoder_index, self.encoder_trains = (
-            projectors,
-            encoder_index,
-            encoder_trains,
-        )
-        self.rank_of = rank_of
+        self.projectors, self.encoder_trains = projectors, encoder_trains
 
     def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats, loss_tokens: int) -> float:
         r, s, P, M = self.role.replica, self.role.stage, it.llm_stages, it.asg.microbatches
@@ -169,23 +111,18 @@ class LLMWorker:
         outs: dict[int, list[torch.Tensor]] = {}
         losses: dict[int, torch.Tensor] = {}
         total = 0.0
-        prev = self.rank_of(Role("llm", r, s - 1)) if s > 0 else None
-        nxt = self.rank_of(Role("llm", r, s + 1)) if s < P - 1 else None
         for j in range(min(POST_AHEAD, M)):
-            self._post_inputs(it, mail, j, prev, got)
+            self._post_inputs(it, mail, j, got)
         for kind, j in one_f_one_b(P, s, M):
             samples = it.llm_mb.get((r, j), [])
             if kind == "F":
                 if j + POST_AHEAD < M:
-                    self._post_inputs(it, mail, j + POST_AHEAD, prev, got)
+                    self._post_inputs(it, mail, j + POST_AHEAD, got)
                 if s == 0:
                     for src in it.embed_sources(r, j):
                         if src not in got:
                             e, rs, k = src
-                            meta, tensors = mail.recv(
-                                *self._embeddings_from(it, src),
-                                f"{e} embeddings of encoder microbatch {k} (replica {rs})",
-                            )
+                            meta, tensors = mail.recv(embed_key(e, rs, k, r))
                             for u, t in zip(meta, tensors):
                                 received[(e, u)] = t.requires_grad_(self.encoder_trains[e])
                             got.add(src)
@@ -196,12 +133,7 @@ class LLMWorker:
                     stats.peak_deferred = max(stats.peak_deferred, later)
                     xs = None
                 else:
-                    meta, xs = mail.recv(
-                        prev,
-                        make_tag(ACT, 0, 0, j),
-                        it.act_cap(samples),
-                        f"activations of LLM microbatch {j} from stage {s - 1}",
-                    )
+                    _, xs = mail.recv(act_key(r, s - 1, j))
                     xs = [x.requires_grad_(True) for x in xs]
                 t0 = time.perf_counter()
                 hidden_in, hidden_out, loss = [], [], None
@@ -219,76 +151,42 @@ class LLMWorker:
                     else:
                         hidden_out.append(h[0])
                 inputs[j], outs[j] = hidden_in, hidden_out
-                if nxt is not None:  # the gradients of this microbatch will come back
-                    mail.expect(nxt, make_tag(ACT_GRAD, 0, 0, j), it.act_cap(samples))
+                if not self.stage.last:  # the gradients of this microbatch will come back
+                    mail.expect(act_grad_key(r, s + 1, j))
                 if loss is not None:
                     losses[j] = loss
                     total += float(loss.detach()) * loss_tokens
                 stats.timed(f"F{j}", t0)
                 if not self.stage.last:
-                    mail.send(
-                        hidden_out,
-                        samples,
-                        nxt,
-                        make_tag(ACT, 0, 0, j),
-                        it.act_cap(samples),
-                        f"activations of LLM microbatch {j} from stage {s}",
-                    )
+                    mail.send(act_key(r, s, j), hidden_out)
             else:
                 if self.stage.last:
                     t0 = time.perf_counter()
                     if j in losses:
                         losses.pop(j).backward()
                 else:
-                    _, grads = mail.recv(
-                        nxt,
-                        make_tag(ACT_GRAD, 0, 0, j),
-                        it.act_cap(samples),
-                        f"activation gradients of LLM microbatch {j} from stage {s + 1}",
-                    )
+                    _, grads = mail.recv(act_grad_key(r, s + 1, j))
                     t0 = time.perf_counter()
                     if outs[j]:
                         torch.autograd.backward(outs[j], grads)
                 outs.pop(j, None)
                 stats.timed(f"B{j}", t0)
                 if s > 0:
-                    mail.send(
-                        [_grad(x) for x in inputs.pop(j)],
-                        samples,
-                        prev,
-                        make_tag(ACT_GRAD, 0, 0, j),
-                        it.act_cap(samples),
-                        f"activation gradients of LLM microbatch {j} from stage {s}",
-                    )
+                    mail.send(act_grad_key(r, s, j), [_grad(x) for x in inputs.pop(j)])
                 else:
                     self._return_embedding_grads(it, r, j, received, mail)
         return total
 
-    def _post_inputs(
-        self, it: IterationPlan, mail: Mailbox, j: int, prev: int | None, got: set
-    ) -> None:
+    def _post_inputs(self, it: IterationPlan, mail: Mailbox, j: int, got: set) -> None:
         """Post the receives of microbatch j's inputs ahead of its forward: embeddings (first
         stage; those not already here) or activations from the previous stage."""
-        r = self.role.replica
-        if prev is not None:
-            mail.expect(prev, make_tag(ACT, 0, 0, j), it.act_cap(it.llm_mb.get((r, j), [])))
+        r, s = self.role.replica, self.role.stage
+        if s > 0:
+            mail.expect(act_key(r, s - 1, j))
             return
-        for src in it.embed_sources(r, j):
-            if src not in got:
-                mail.expect(*self._embeddings_from(it, src))
-
-    def _embeddings_from(
-        self, it: IterationPlan, src: tuple[str, int, int]
-    ) -> tuple[int, int, int]:
-        """(rank, tag, capacity) of the message of encoder microbatch src = (encoder,
-        replica, microbatch) to this replica: what posting and taking it must agree on."""
-        e, rs, k = src
-        units = it.sends_of(e, rs, k)[self.role.replica]
-        return (
-            self.rank_of(Role(e, rs)),
-            make_tag(EMBED, self.encoder_index[e], k, 0),
-            it.embed_cap(e, units),
-        )
+        for e, rs, k in it.embed_sources(r, j):
+            if (e, rs, k) not in got:
+                mail.expect(embed_key(e, rs, k, r))
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]
@@ -300,13 +198,6 @@ class LLMWorker:
         for (e, rs, k), us in it.embed_sources(r, j).items():
             if not self.encoder_trains[e]:
                 continue
-            mail.send(
-                [_grad(received[(e, u)]) for u in us],
-                us,
-                self.rank_of(Role(e, rs)),
-                make_tag(EMBED_GRAD, self.encoder_index[e], k, j),
-                it.embed_cap(e, us),
-                f"gradients of {e} microbatch {k} from LLM microbatch {j}",
-            )
+            mail.send(embed_grad_key(e, rs, k, r, j), [_grad(received[(e, u)]) for u in us])
             for u in us:
                 received.pop((e, u), None)

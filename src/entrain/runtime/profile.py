@@ -251,31 +251,32 @@ def measure_p2p(peer: int, repeats: int = 7) -> P2PFit | None:
     packing and posting one costs. Every rank gets the fit."""
     import datetime
 
-    from entrain.runtime.comm import Mailbox, capacity
+    from entrain.runtime.comm import Mailbox, Transfer, capacity
 
     rank = dist.get_rank()
     mail = Mailbox(datetime.timedelta(seconds=60))
     runs: list[Run] = []
     sends: list[float] = []
-    tag = 0
     for n_bytes in P2P_BYTES:
         x = torch.randn(n_bytes // 4 // 128, 128)
-        cap = capacity(1, [x.shape[0]], 128)
+        size = capacity(1, [x.shape[0]], 128)
         for i in range(repeats + 1):
-            tag += 1
+            key = ("p2p", n_bytes, i)
+            mail.begin([Transfer(key, 0, peer, (i,), size, "a profile message")])
             if rank == peer:
-                mail.expect(0, tag, cap)
+                mail.expect(key)
             dist.barrier()
             if rank == 0:
-                _, t = _timed(mail.send, [x], [i], peer, tag, cap, "profile p2p")
+                _, t = _timed(mail.send, key, [x])
                 mail.flush()
                 if i:
                     sends.append(t)
             elif rank == peer:
                 time.sleep(0.01)
-                _, t = _timed(mail.recv, 0, tag, cap, "profile p2p")
+                _, t = _timed(mail.recv, key)
                 if i:  # the first of each size is a warm-up
                     runs.append((np.array([float(x.numel() * 4)]), t))
+                mail.flush()
         dist.barrier()
     got = [None] * dist.get_world_size()
     dist.all_gather_object(got, (runs, sends))

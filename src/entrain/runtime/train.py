@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
-from entrain.runtime.comm import Mailbox
-from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats, roles
+from entrain.runtime.comm import Mailbox, edge_groups
+from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
 from entrain.runtime.setup import (
@@ -36,6 +36,7 @@ from entrain.runtime.setup import (
     resolve_lookahead,
     spec_of,
 )
+from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule.parallel import ParallelPlan
 
 
@@ -56,7 +57,7 @@ class Trainer:
         )
         self.roles = roles(self.plan, encoders)
         self.role = self.roles[rank]
-        self.rank_of = {r: i for i, r in enumerate(self.roles)}.__getitem__
+        self.trains = {e.name: not e.frozen for e in self.spec.encoders}
         self.skipped = self._check_samples()
         self.data = Dataset(cfg.data, self.spec, drop=[b.index for b in self.skipped])
         profile = profile_of(cfg, self.spec)
@@ -64,7 +65,10 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(
             cfg, lookahead=resolve_lookahead(cfg, self.data, profile, self.plan)
         )
-        self.mail = Mailbox(datetime.timedelta(seconds=cfg.timeout_s))
+        self.mail = Mailbox(
+            datetime.timedelta(seconds=cfg.timeout_s),
+            groups=edge_groups(edges(self.roles, self.trains)),
+        )
         self.named: dict[str, torch.nn.Parameter] = {}
         self._build()
         trainable = [p for p in self.named.values() if p.requires_grad]
@@ -72,9 +76,7 @@ class Trainer:
         self.groups = self._dp_groups()
 
     def _build(self) -> None:
-        spec, cfg, role = self.spec, self.cfg, self.role
-        enc_index = {e.name: i for i, e in enumerate(spec.encoders)}
-        trains = {e.name: not e.frozen for e in spec.encoders}
+        spec, cfg, role, trains = self.spec, self.cfg, self.role, self.trains
         if role.module != "llm":
             enc = next(e for e in spec.encoders if e.name == role.module)
             tower = build_encoder(spec, enc.name, cfg.seed)
@@ -85,12 +87,10 @@ class Trainer:
             }
             self.worker = EncoderWorker(
                 role,
-                enc_index[enc.name],
                 trains[enc.name],
                 lambda units: encode_units(
                     tower, enc, self.data, self.current, units, trains[enc.name]
                 ),
-                self.rank_of,
             )
             return
         llm = build_llm(spec, cfg.seed)
@@ -116,9 +116,7 @@ class Trainer:
             stage,
             lambda i: self.data.text(int(self.current.indices[i])),
             projectors,
-            enc_index,
             trains,
-            self.rank_of,
         )
 
     def _dp_groups(self):
@@ -141,6 +139,7 @@ class Trainer:
         self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp, self.cost_model)
         norm = loss_tokens(self.data, st.indices)
         stats = StepStats()
+        self.mail.begin(transfers_of(st.plan, self.rank, self.roles, self.trains))
         dist.barrier()
         _inject_fault(step, self.rank)
         t0 = time.perf_counter()

@@ -1,0 +1,169 @@
+"""Who holds what, and every transfer of an iteration in the order its sender sends it.
+
+Every rank computes the same list from the same IterationPlan, so the receiver of a pair
+knows the order the sender will send in before anything is sent: the contract runtime/comm.py
+holds both ends to (NCCL matches sends and receives per pair in issue order). The list is
+derived from the action lists of schedule/pipeline.py, the ones the engine runs: an encoder
+sends a microbatch's embeddings after its forward, one message per LLM replica it feeds; an
+LLM stage sends activations after a forward, and activation gradients (stage > 0) or
+embedding gradients (stage 0, one message per encoder microbatch it took units from, trained
+encoders only) after a backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from entrain.runtime.comm import Transfer
+from entrain.runtime.iteration import IterationPlan
+from entrain.schedule.parallel import ParallelPlan
+from entrain.schedule.pipeline import encoder_actions, one_f_one_b
+
+
+@dataclass(frozen=True)
+class Role:
+    """What a rank holds: an encoder (stage is 0) or an LLM stage, in one replica."""
+
+    module: str
+    replica: int
+    stage: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.module if self.module != "llm" else f"llm.s{self.stage}"
+
+
+def roles(plan: ParallelPlan, encoders: list[str]) -> list[Role]:
+    """The role of every rank, rank order (ParallelPlan's layout: per replica, encoders, then
+    LLM stages). The runtime runs each encoder and each stage on one rank (TP 1, one copy)."""
+    if (
+        plan.llm_tp != 1
+        or any(tp != 1 for tp in plan.encoder_tp.values())
+        or any(d != 1 for d in plan.encoder_dp.values())
+    ):
+        raise ValueError(
+            "the runtime runs every module group on one rank per replica (TP 1, one copy)"
+        )
+    out = []
+    for r in range(plan.dp):
+        out += [Role(e, r) for e in encoders]
+        out += [Role("llm", r, s) for s in range(plan.llm_pp)]
+    return out
+
+
+def embed_key(encoder: str, replica: int, k: int, dest: int) -> tuple:
+    """Embeddings of encoder microbatch k of `replica` for the LLM of replica `dest`."""
+    return ("embed", encoder, replica, k, dest)
+
+
+def embed_grad_key(encoder: str, replica: int, k: int, dest: int, j: int) -> tuple:
+    """Their gradients from LLM microbatch j of replica `dest`."""
+    return ("embed_grad", encoder, replica, k, dest, j)
+
+
+def act_key(replica: int, stage: int, j: int) -> tuple:
+    """Activations of LLM microbatch j from `stage` to the next."""
+    return ("act", replica, stage, j)
+
+
+def act_grad_key(replica: int, stage: int, j: int) -> tuple:
+    """Activation gradients of LLM microbatch j from `stage` to the one before."""
+    return ("act_grad", replica, stage, j)
+
+
+def edges(layout: list[Role], trains: dict[str, bool]) -> list[tuple[int, int]]:
+    """Every (src, dst) pair of ranks that may carry a transfer in some iteration: encoders
+    to and from every replica's first LLM stage (pooled encoders feed other replicas),
+    neighbouring LLM stages both ways."""
+    rank = {r: i for i, r in enumerate(layout)}
+    out = []
+    for role, i in rank.items():
+        if role.module != "llm":
+            for d in {r.replica for r in layout}:
+                first = rank[Role("llm", d, 0)]
+                out.append((i, first))
+                if trains[role.module]:
+                    out.append((first, i))
+        else:
+            nxt = Role("llm", role.replica, role.stage + 1)
+            if nxt in rank:
+                out += [(i, rank[nxt]), (rank[nxt], i)]
+    return out
+
+
+def sends(
+    it: IterationPlan, role: Role, layout: list[Role], trains: dict[str, bool]
+) -> list[Transfer]:
+    """The transfers `role` sends in the iteration, in the order it sends them."""
+    rank = {r: i for i, r in enumerate(layout)}
+    me = rank[role]
+    P, M = it.llm_stages, it.asg.microbatches
+    out: list[Transfer] = []
+    if role.module != "llm":
+        e, r = role.module, role.replica
+        for kind, k in encoder_actions(it.need(e, r), P, trains[e]):
+            if kind != "F":
+                continue
+            for d, us in it.sends_of(e, r, k).items():
+                out.append(
+                    Transfer(
+                        embed_key(e, r, k, d),
+                        me,
+                        rank[Role("llm", d, 0)],
+                        tuple(us),
+                        it.embed_cap(e, us),
+                        f"{e} embeddings of encoder microbatch {k} (replica {r})",
+                    )
+                )
+        return out
+    r, s = role.replica, role.stage
+    for kind, j in one_f_one_b(P, s, M):
+        samples = tuple(it.llm_mb.get((r, j), []))
+        if kind == "F" and s < P - 1:
+            out.append(
+                Transfer(
+                    act_key(r, s, j),
+                    me,
+                    rank[Role("llm", r, s + 1)],
+                    samples,
+                    it.act_cap(list(samples)),
+                    f"activations of LLM microbatch {j} from stage {s}",
+                )
+            )
+        elif kind == "B" and s > 0:
+            out.append(
+                Transfer(
+                    act_grad_key(r, s, j),
+                    me,
+                    rank[Role("llm", r, s - 1)],
+                    samples,
+                    it.act_cap(list(samples)),
+                    f"activation gradients of LLM microbatch {j} from stage {s}",
+                )
+            )
+        elif kind == "B":
+            for (e, rs, k), us in it.embed_sources(r, j).items():
+                if trains[e]:
+                    out.append(
+                        Transfer(
+                            embed_grad_key(e, rs, k, r, j),
+                            me,
+                            rank[Role(e, rs)],
+                            tuple(us),
+                            it.embed_cap(e, us),
+                            f"gradients of {e} microbatch {k} (replica {rs}) "
+                            f"from LLM microbatch {j} (replica {r})",
+                        )
+                    )
+    return out
+
+
+def transfers_of(
+    it: IterationPlan, rank: int, layout: list[Role], trains: dict[str, bool]
+) -> list[Transfer]:
+    """The iteration's transfers that start or end at `rank`, each sender's in its order."""
+    mine = [t for t in sends(it, layout[rank], layout, trains)]
+    for other in layout:
+        if other != layout[rank]:
+            mine += [t for t in sends(it, other, layout, trains) if t.dst == rank]
+    return mine

@@ -1,0 +1,292 @@
+"""The p2p order contract under NCCL's rules, without a GPU.
+
+The engine's workers run in threads of one process over an in-memory stand-in for
+torch.distributed that behaves as NCCL does: tags are ignored, and each communicator (a
+process group's pair of ranks) runs its operations in the order each rank issues them, so a
+send completes only with the receive at the head of the peer's queue, and a receive posted
+ahead holds up everything issued after it on that communicator. Every policy, pipeline depth
+and replica count must finish with every transfer made, in order, with the ids the plan says.
+The same harness with one group for both directions of a pair deadlocks: the hazard the
+per-direction groups exist for (runtime/comm.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import threading
+from collections import defaultdict, deque
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import entrain.runtime.comm as comm
+from entrain.cost.batch import cost_batch
+from entrain.models.load import load_spec
+from entrain.runtime.comm import Mailbox, OutOfOrder, Transfer, TransferTimeout
+from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
+from entrain.runtime.iteration import IterationPlan
+from entrain.runtime.setup import item_locator
+from entrain.runtime.transfers import edges, roles, sends, transfers_of
+from entrain.schedule import POLICIES, assign
+from entrain.schedule.parallel import ParallelPlan
+from entrain.workload.traces import generate_workload
+
+
+class _Work:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: str | None = None
+
+    def wait(self, timeout: datetime.timedelta | None = None) -> bool:
+        if not self.done.wait(timeout.total_seconds() if timeout else None):
+            raise RuntimeError("timed out in the NCCL stand-in")
+        if self.error:
+            raise RuntimeError(self.error)
+        return True
+
+
+class FakeNCCL:
+    """isend/irecv among threads with NCCL's matching: per communicator, in issue order."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queues: dict = defaultdict(deque)
+        self.local = threading.local()
+
+    def get_rank(self) -> int:
+        return self.local.rank
+
+    def isend(self, t, dst, tag=0, group=None):
+        return self._issue("send", t, dst, group)
+
+    def irecv(self, t, src, tag=0, group=None):
+        return self._issue("recv", t, src, group)
+
+    def _issue(self, kind: str, t: torch.Tensor, peer: int, group) -> _Work:
+        me = self.local.rank
+        key = (id(group), min(me, peer), max(me, peer))
+        work = _Work()
+        with self.lock:
+            self.queues[(key, me)].append((kind, t, work))
+            self._progress(key)
+        return work
+
+    def _progress(self, key) -> None:
+        _, a, b = key
+        qa, qb = self.queues[(key, a)], self.queues[(key, b)]
+        while qa and qb:
+            (ka, ta, wa), (kb, tb, wb) = qa[0], qb[0]
+            if ka == kb:
+                return  # both sides wait on the other direction first: NCCL hangs here too
+            send, recv = (ta, tb) if ka == "send" else (tb, ta)
+            if send.numel() != recv.numel():
+                wa.error = wb.error = f"size mismatch: sent {send.numel()}, posted {recv.numel()}"
+            else:
+                recv.copy_(send)
+            qa.popleft()
+            qb.popleft()
+            wa.done.set()
+            wb.done.set()
+
+
+class FakeStage:
+    """A pipeline stage's interface with one scalar weight: rows and autograd as the real one."""
+
+    def __init__(self, last: bool, width: int):
+        self.last, self.width = last, width
+        self.w = nn.Parameter(torch.tensor(1.0))
+
+    def embed_sample(self, prefix: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        base = sum((p.sum() for p in prefix), torch.tensor(0.0)) * 1e-3 + self.w
+        return base * torch.ones(1, text.shape[0], self.width)  # text stands for the sequence
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.w
+
+    def loss(self, h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return h.sum() * 1e-3
+
+
+def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1):
+    M, B = 4, 8 * dp
+    w = generate_workload("omni", B, seed=seed)
+    batch = cost_batch(w, spec)
+    asg = assign(policy, batch, dp, M, lookahead if policy == "entrain" else None)
+    return IterationPlan.build(batch, asg, spec, pp, item_locator(w))
+
+
+def run_threads(
+    spec, it: IterationPlan, dp: int, pp: int, per_direction: bool = True, timeout_s: float = 5
+):
+    """Every rank's worker in a thread over FakeNCCL; the errors raised, by rank."""
+    names = [e.name for e in spec.encoders]
+    layout = roles(ParallelPlan(dp=dp, llm_pp=pp, microbatches=it.asg.microbatches), names)
+    trains = {e.name: not e.frozen for e in spec.encoders}
+    fake = FakeNCCL()
+    shared = object()
+    groups = {e: (object() if per_direction else shared) for e in edges(layout, trains)}
+    errors: dict[int, BaseException] = {}
+    weight = nn.Parameter(torch.tensor(1.0))
+
+    def rank_main(rank: int) -> None:
+        fake.local.rank = rank
+        role = layout[rank]
+        mail = Mailbox(datetime.timedelta(seconds=timeout_s), groups=groups)
+        try:
+            mail.begin(transfers_of(it, rank, layout, trains))
+            if role.module != "llm":
+                enc = next(e for e in spec.encoders if e.name == role.module)
+                width = enc.encoder.hidden_size if enc.frozen else spec.llm.hidden_size
+
+                def encode(units):
+                    return [weight * torch.ones(it.unit_rows[enc.name][u], width) for u in units]
+
+                EncoderWorker(role, trains[enc.name], encode).step(it, mail, StepStats())
+            else:
+                projectors = {
+                    e.name: nn.Linear(e.encoder.hidden_size, spec.llm.hidden_size)
+                    for e in spec.encoders
+                    if e.frozen and role.stage == 0
+                }
+                stage = FakeStage(role.stage == pp - 1, spec.llm.hidden_size)
+                worker = LLMWorker(
+                    role, stage, lambda s: torch.zeros(it.seq_rows[s]), projectors, trains
+                )
+                worker.step(it, mail, StepStats(), 1)
+            mail.flush()
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors[rank] = e
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(layout))]
+    old = comm.dist
+    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        comm.dist = old
+    assert not any(t.is_alive() for t in threads), "a rank never returned"
+    return errors
+
+
+SPEC = load_spec("tiny")
+FROZEN_AUDIO = dataclasses.replace(
+    SPEC,
+    encoders=(SPEC.encoders[0], dataclasses.replace(SPEC.encoders[1], frozen=True)),
+)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@pytest.mark.parametrize(("dp", "pp"), [(1, 1), (1, 3), (2, 2)])
+def test_every_policy_keeps_the_order_under_nccl_rules(policy, dp, pp):
+    torch.set_num_threads(1)
+    for seed in range(3):
+        spec = FROZEN_AUDIO if seed == 2 else SPEC
+        it = _plan(spec, policy, dp, pp, seed)
+        errors = run_threads(spec, it, dp, pp)
+        assert not errors, {r: repr(e) for r, e in errors.items()}
+
+
+@pytest.mark.parametrize("lookahead", [0, 2, None])
+def test_deep_lookahead_keeps_the_order(lookahead):
+    for seed in range(3):
+        it = _plan(SPEC, "entrain", 2, 2, seed, lookahead)
+        assert not run_threads(SPEC, it, 2, 2)
+
+
+def test_one_group_for_both_directions_deadlocks():
+    """What the per-direction groups prevent: the encoder posts a gradient receive while the
+    LLM posts embedding receives; both heads are receives and nothing moves."""
+    it = _plan(SPEC, "entrain", 1, 1, 0)
+    errors = run_threads(SPEC, it, 1, 1, per_direction=False, timeout_s=1)
+    assert errors and all(isinstance(e, TransferTimeout) for e in errors.values()), errors
+
+
+def test_every_transfer_has_one_sender_and_one_receiver():
+    it = _plan(SPEC, "entrain", 2, 2, 1)
+    trains = {e.name: True for e in SPEC.encoders}
+    layout = roles(ParallelPlan(dp=2, llm_pp=2, microbatches=4), [e.name for e in SPEC.encoders])
+    everything = [t for role in layout for t in sends(it, role, layout, trains)]
+    keys = [t.key for t in everything]
+    assert len(keys) == len(set(keys))
+    allowed = set(edges(layout, trains))
+    assert all((t.src, t.dst) in allowed for t in everything)
+    for rank in range(len(layout)):
+        mine = transfers_of(it, rank, layout, trains)
+        assert {t.key for t in mine} == {t.key for t in everything if rank in (t.src, t.dst)}
+    # every unit's embedding goes out once, and (encoders train) its gradient comes back once
+    for e in SPEC.encoders:
+        sent = [u for t in everything if t.key[:2] == ("embed", e.name) for u in t.ids]
+        back = [u for t in everything if t.key[:2] == ("embed_grad", e.name) for u in t.ids]
+        assert sorted(sent) == sorted(back) == list(range(len(it.units[e.name])))
+
+
+def _sender_and_receiver(order: list[str]) -> dict[int, BaseException]:
+    """Rank 0 sends "a" then "b" in `order`; rank 1 expects the plan's order a, b."""
+    fake = FakeNCCL()
+    plan = [Transfer(("a",), 0, 1, (1,), 256, "a"), Transfer(("b",), 0, 1, (2,), 256, "b")]
+    errors: dict[int, BaseException] = {}
+
+    def main(rank: int) -> None:
+        fake.local.rank = rank
+        mail = Mailbox(datetime.timedelta(seconds=2))
+        try:
+            mail.begin(plan)
+            if rank == 0:
+                for key in order:
+                    mail.send((key,), [torch.ones(3, 4)])
+            else:
+                mail.recv(("b",))
+                mail.recv(("a",))
+            mail.flush()
+        except BaseException as e:  # noqa: BLE001
+            errors[rank] = e
+
+    old = comm.dist
+    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
+    try:
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        comm.dist = old
+    return errors
+
+
+def test_receiver_may_take_in_any_order_the_wire_keeps_the_senders():
+    assert not _sender_and_receiver(["a", "b"])
+
+
+def test_a_send_out_of_the_plans_order_is_refused_by_name():
+    errors = _sender_and_receiver(["b", "a"])
+    assert isinstance(errors[0], OutOfOrder) and "('a',) first" in str(errors[0])
+
+
+def test_a_message_larger_than_its_transfer_is_refused():
+    fake = FakeNCCL()
+    fake.local.rank = 0
+    old = comm.dist
+    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
+    try:
+        mail = Mailbox(datetime.timedelta(seconds=1))
+        mail.begin([Transfer(("a",), 0, 1, (1,), 64, "embeddings of x")])
+        with pytest.raises(comm.TransferTooLarge, match="embeddings of x"):
+            mail.send(("a",), [torch.ones(10, 10)])
+    finally:
+        comm.dist = old
+
+
+def test_padding_gives_every_message_its_exact_size():
+    msg = comm._pack([torch.ones(2, 3), torch.zeros(1, 3)], [7, 8], 512, "cpu")
+    assert msg.numel() == 512
+    meta, tensors = comm._unpack(msg)
+    assert meta == [7, 8] and [tuple(t.shape) for t in tensors] == [(2, 3), (1, 3)]
+    assert np.allclose(tensors[0].numpy(), 1.0)
