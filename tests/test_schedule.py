@@ -3,6 +3,8 @@ kept, work conserved, and Entrain never worse than `joint` on any module."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -101,18 +103,30 @@ def test_empty_batch_and_text_only():
             _check_valid(batch, p, 2, 3)
 
 
-def test_all_deferred_microbatch_is_valid():
-    """A microbatch whose samples' units were all encoded earlier is fine (deferral)."""
+def all_deferred(spec) -> tuple[Workload, CostedBatch, Assignment]:
+    """Eight samples (six with an image) in 4 microbatches, placed by hand so that
+    microbatch 3 holds samples 5 and 6 whose images are both encoded in microbatch 0."""
     w = Workload(
         ids=[f"s{i}" for i in range(8)],
         text_tokens=np.array([4000, 10, 10, 10, 10, 10, 10, 3000]),
         items={"image": ItemTable(np.array([1, 2, 3, 4, 5, 6]), np.full((6, 2), 672.0))},
     )
-    batch = cost_batch(w, OMNI)
-    asg = assign("entrain", batch, 1, 4)
+    batch = cost_batch(w, spec)
+    coupled = Assignment.coupled(batch, 1, 4, np.array([0, 0, 1, 1, 2, 3, 3, 2]))
+    unit_mb = {
+        e: np.where(np.isin(u.sample, [5, 6]), 0, coupled.unit_mb[e])
+        for e, u in batch.units.items()
+    }
+    return w, batch, dataclasses.replace(coupled, unit_mb=unit_mb)
+
+
+def test_all_deferred_microbatch_is_valid():
+    """A microbatch whose samples' units were all encoded earlier is fine (deferral), and
+    their embeddings count as held during microbatches 0-2."""
+    _, batch, asg = all_deferred(OMNI)
     assert asg.violations(batch) == []
     held = deferred_tokens(batch, asg)
-    assert held.shape == (1, 4) and (held >= 0).all()
+    assert held.shape == (1, 4) and (held[0, :3] > 0).all() and held[0, 3] == 0
 
 
 def test_metrics_by_hand():

@@ -290,3 +290,13 @@ def test_padding_gives_every_message_its_exact_size():
     meta, tensors = comm._unpack(msg)
     assert meta == [7, 8] and [tuple(t.shape) for t in tensors] == [(2, 3), (1, 3)]
     assert np.allclose(tensors[0].numpy(), 1.0)
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_a_microbatch_of_only_deferred_samples_runs(pp):
+    from test_schedule import all_deferred
+
+    w, batch, asg = all_deferred(SPEC)
+    it = IterationPlan.build(batch, asg, SPEC, pp, item_locator(w))
+    assert it.embed_sources(0, 3) and all(k == 0 for _, _, k in it.embed_sources(0, 3))
+    assert not run_threads(SPEC, it, 1, pp)

@@ -323,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-params", action="store_true", help="save parameters at the end (tests)")
     tr.add_argument("--pin-cores", action="store_true", help="pin each rank to its own CPU core")
     tr.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where ranks compute: cuda (a GPU per process, NCCL), cpu (gloo), or auto "
+        "(default: the GPUs when CUDA has any)",
+    )
+    tr.add_argument(
         "--profile",
         default=None,
         help="measured profile (entrain profile): balance measured seconds, not FLOPs",
@@ -418,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pr.add_argument("--nproc", type=int, default=2, help="processes (default 2; 1 skips the link)")
     pr.add_argument("--pin-cores", action="store_true", help="pin each process to its own core")
+    pr.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to time the modules: profile where you train (default: the GPUs when "
+        "CUDA has any, else the CPU)",
+    )
     pr.add_argument("--json", action="store_true", help="print the profile as JSON")
     pr.set_defaults(func=cmd_profile, argv=None)
 

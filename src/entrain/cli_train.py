@@ -41,6 +41,7 @@ TRAIN_FLAGS = (
     "timeout_s",
     "out",
     "pin_cores",
+    "device",
     "profile",
     "checkpoint_every",
     "checkpoint_dir",
@@ -205,7 +206,11 @@ def cmd_profile(args: argparse.Namespace, err: Console) -> int:
     spec = load_spec(args.model)
     workload, source = _profile_sizes(args, spec)
     cfg = ProfileConfig(
-        model=args.model, runs=args.runs, max_samples=args.max_samples, seed=args.seed
+        model=args.model,
+        runs=args.runs,
+        max_samples=args.max_samples,
+        seed=args.seed,
+        device=args.device,
     )
     profile = profile_main(cfg, spec, workload, pin_cores=args.pin_cores, console=err)
     if profile is None:  # not rank 0

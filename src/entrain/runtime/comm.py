@@ -127,6 +127,22 @@ def edge_groups(edges: Iterable[tuple[int, int]]) -> dict[tuple[int, int], objec
     return {e: dist.new_group(sorted(e)) for e in sorted(set(edges))}
 
 
+def connect(groups: dict[tuple[int, int], object], device: torch.device) -> None:
+    """One small blocking message along every edge, edges in sorted order on every rank.
+    NCCL creates a group's communicator on its first operation and blocks until the peer
+    creates it too; left to the first real transfers, an encoder creating the gradient
+    channel while the LLM creates the embedding channel would wait on each other forever.
+    In one global order each rank's creations are a subsequence of the same sequence, so
+    none waits in a cycle. On gloo it only moves the connection time out of the first step."""
+    rank = dist.get_rank()
+    token = torch.zeros(1, device=device)
+    for (src, dst), group in sorted(groups.items()):
+        if rank == src:
+            dist.send(token, dst, group=group)
+        elif rank == dst:
+            dist.recv(token, src, group=group)
+
+
 @dataclass
 class Mailbox:
     """One rank's sends and receives of an iteration, in the plan's per-pair order."""

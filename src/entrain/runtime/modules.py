@@ -212,7 +212,7 @@ class LLMStage(nn.Module):
         return torch.cat(parts, dim=0).unsqueeze(0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(hidden.shape[1]).unsqueeze(0)
+        pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,

@@ -31,6 +31,7 @@ from entrain.cost.flops import analytic_cost_model
 from entrain.cost.profile import P2PFit, Profile
 from entrain.cost.tokens import smart_resize
 from entrain.models.spec import ModelSpec, VisionSpec
+from entrain.runtime.device import backend, name_of, resolve_device, sync_in_use
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import optimizer
 from entrain.workload.columnar import Workload
@@ -49,14 +50,18 @@ class ProfileConfig:
     max_samples: int = 8
     """A run takes 1..max_samples samples (varied counts and sizes make the fit well posed)."""
     seed: int = 0
+    device: str = "auto"
+    """Where to time the modules (runtime/device.py): profile where you will train."""
 
 
 Run = tuple[np.ndarray, float]  # (unit sizes of the run, seconds)
 
 
 def _timed(fn: Callable, *args) -> tuple[object, float]:
+    sync_in_use()
     t0 = time.perf_counter()
     out = fn(*args)
+    sync_in_use()  # on a GPU: the kernels' time, not their launch
     return out, time.perf_counter() - t0
 
 
@@ -68,8 +73,15 @@ class _Inputs:
     """Synthetic tensors shaped like the runtime's inputs for the units of a costed batch:
     values do not change the time of dense math, shapes do."""
 
-    def __init__(self, spec: ModelSpec, workload: Workload, batch: CostedBatch, seed: int):
-        self.spec, self.batch = spec, batch
+    def __init__(
+        self,
+        spec: ModelSpec,
+        workload: Workload,
+        batch: CostedBatch,
+        seed: int,
+        device: torch.device,
+    ):
+        self.spec, self.batch, self.device = spec, batch, device
         self.gen = torch.Generator().manual_seed(seed)
         self.grids: dict[str, np.ndarray] = {}
         for enc in spec.encoders:
@@ -91,20 +103,20 @@ class _Inputs:
             width = enc.num_channels * enc.temporal_patch_size * enc.patch_size**2
             patches = torch.randn(int(grid.prod(1).sum()), width, generator=self.gen)
             thw = torch.tensor([[1, int(h), int(w)] for h, w in grid])
-            return patches, thw
+            return patches.to(self.device), thw.to(self.device)
         positions = int(round(enc.chunk_seconds * enc.frames_per_second))
         mels = torch.randn(len(units), enc.n_mels, 2 * positions, generator=self.gen)
         valid = [min(positions, int(x) * enc.downsample) for x in u.llm_tokens[units]]
-        return mels, valid
+        return mels.to(self.device), valid
 
     def llm_sample(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(modality embeddings, text ids) of sample s."""
         text = int(self.batch.text_tokens[s])
         extra = int(self.batch.llm_tokens[s]) - text
         h = self.spec.llm.hidden_size
-        emb = torch.randn(extra, h, generator=self.gen).requires_grad_(bool(self.spec.encoders))
+        emb = torch.randn(extra, h, generator=self.gen).to(self.device)
         ids = torch.randint(0, self.spec.llm.vocab_size, (text,), generator=self.gen)
-        return emb, ids
+        return emb.requires_grad_(bool(self.spec.encoders)), ids.to(self.device)
 
 
 def _units_of(u, draws: list[np.ndarray]):
@@ -141,7 +153,9 @@ def _time_projector(
     u = inputs.batch.units[enc.name]
     fwd, bwd = [], []
     for units in _units_of(u, draws):
-        states = [torch.randn(int(x), enc.encoder.hidden_size) for x in u.tokens[units]]
+        states = [
+            torch.randn(int(x), enc.encoder.hidden_size).to(inputs.device) for x in u.tokens[units]
+        ]
         outs, tf = _timed(_each, proj, states)
         fwd.append((u.tokens[units], tf))
         bwd.append((u.tokens[units], _timed_backward(outs)))
@@ -193,8 +207,9 @@ def measure(
     """Every module's timed runs on this process: {"modules": {m: {"forward": runs, ...}},
     "llm_projectors": {...}, "step": {m: s}}."""
     torch.manual_seed(cfg.seed + 7919 * rank)
+    device = resolve_device(cfg.device)
     batch = cost_batch(workload, spec)
-    inputs = _Inputs(spec, workload, batch, cfg.seed + 7919 * rank)
+    inputs = _Inputs(spec, workload, batch, cfg.seed + 7919 * rank, device)
     rng = np.random.default_rng([cfg.seed, rank])
     n = batch.n_samples
     draws = [
@@ -213,7 +228,7 @@ def measure(
         return res
 
     for enc in spec.encoders:
-        tower = build_encoder(spec, enc.name, cfg.seed)
+        tower = build_encoder(spec, enc.name, cfg.seed).to(device)
         f, b = timed(_time_encoder, tower, enc, inputs, not enc.frozen, draws)
         out["modules"][enc.name] = {"forward": f, **({"backward": b} if b else {})}
         if enc.frozen:
@@ -222,7 +237,7 @@ def measure(
             out["step"][enc.name] = 0.0
         else:
             out["step"][enc.name] = _time_step(list(tower.parameters()))
-    llm = build_llm(spec, cfg.seed)
+    llm = build_llm(spec, cfg.seed).to(device)
     stage = LLMStage(llm, 0, 1)
     f, b = timed(_time_llm, stage, inputs, draws)
     out["modules"]["llm"] = {"forward": f, "backward": b}
@@ -244,7 +259,7 @@ def _achieved_flops(spec: ModelSpec, measured: dict) -> tuple[float, float]:
     return flops, secs
 
 
-def measure_p2p(peer: int, repeats: int = 7) -> P2PFit | None:
+def measure_p2p(peer: int, device: torch.device, repeats: int = 7) -> P2PFit | None:
     """Ranks 0 and 1 time Mailbox transfers of several sizes as the runtime makes them: the
     receive is posted ahead, the receiver takes the message once it was sent (it computed
     meanwhile), so its time is what taking a message costs it; the sender's time is what
@@ -254,11 +269,11 @@ def measure_p2p(peer: int, repeats: int = 7) -> P2PFit | None:
     from entrain.runtime.comm import Mailbox, Transfer, capacity
 
     rank = dist.get_rank()
-    mail = Mailbox(datetime.timedelta(seconds=60))
+    mail = Mailbox(datetime.timedelta(seconds=60), device)
     runs: list[Run] = []
     sends: list[float] = []
     for n_bytes in P2P_BYTES:
-        x = torch.randn(n_bytes // 4 // 128, 128)
+        x = torch.randn(n_bytes // 4 // 128, 128, device=device)
         size = capacity(1, [x.shape[0]], 128)
         for i in range(repeats + 1):
             key = ("p2p", n_bytes, i)
@@ -324,7 +339,8 @@ def fit_profile(
         memory_bytes=ram / max(devices, 1),
         devices=devices,
         p2p=p2p,
-        blocking_p2p=True,  # the runtime's gloo receives run on the waiting core
+        # gloo's receives run on the waiting core; NCCL's on a stream of their own
+        blocking_p2p=device == "cpu",
         bytes_per_value=4,  # the runtime trains and sends fp32
         host={
             "device": device,
@@ -345,17 +361,19 @@ def run_profile(
     """Profile on this process, or on every process of the initialized group (rank 0 gets
     the profile, the others None)."""
     torch.set_num_threads(1)
+    device = resolve_device(cfg.device)
     if not dist.is_initialized():
-        return fit_profile(spec, [measure(cfg, spec, workload, 0, on_run)], None, 1, "cpu")
+        measured = [measure(cfg, spec, workload, 0, on_run)]
+        return fit_profile(spec, measured, None, 1, name_of(device))
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = measure(cfg, spec, workload, rank, on_run)
     dist.barrier()
-    p2p = measure_p2p(1)
+    p2p = measure_p2p(1, device)
     parts = [None] * world
     dist.all_gather_object(parts, mine)
     if rank != 0:
         return None
-    return fit_profile(spec, parts, p2p, world, "cpu")
+    return fit_profile(spec, parts, p2p, world, name_of(device))
 
 
 def profile_main(
@@ -368,8 +386,11 @@ def profile_main(
     from entrain.runtime.train import pin_to_core
 
     distributed = "RANK" in os.environ
+    device = resolve_device(cfg.device)
     if distributed and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend(device), timeout=datetime.timedelta(seconds=600))
     rank = dist.get_rank() if distributed else 0
     if pin_cores:
         pin_to_core(rank)

@@ -16,6 +16,7 @@ from entrain.cost.flops import CostModel
 from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import load_spec
 from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
+from entrain.runtime.device import DEVICES
 from entrain.runtime.inputs import (
     Record,
     SampleError,
@@ -75,6 +76,9 @@ class TrainConfig:
     """Write every rank's parameters after the last step (used by the equivalence tests)."""
     pin_cores: bool = False
     """Pin each local rank to its own CPU core (steadier CPU timings)."""
+    device: str = "auto"
+    """Where ranks compute: "cuda" (one GPU per process, NCCL for the tensors), "cpu" (gloo),
+    or "auto": the GPUs when CUDA has any, else the CPU."""
     profile: str | None = None
     """A measured profile (`entrain profile`): the assignment balances measured seconds
     instead of FLOPs."""
@@ -99,6 +103,8 @@ class TrainConfig:
     broken past its header then fails when training reaches it), "off" skips the check."""
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.validate not in ("full", "headers", "off"):
             raise ValueError(f"--validate must be full, headers or off, got {self.validate!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -222,20 +228,27 @@ def make_step(
 
 
 def encode_units(
-    tower: nn.Module, enc, data: Dataset, step: Step, units: list[int], trains: bool
+    tower: nn.Module,
+    enc,
+    data: Dataset,
+    step: Step,
+    units: list[int],
+    trains: bool,
+    device: torch.device | str = "cpu",
 ) -> list[torch.Tensor]:
     """Embeddings (or, for a frozen encoder, trunk states) of some units of one encoder,
-    computed in one call of the tower."""
+    computed in one call of the tower on `device` (inputs are decoded and cached on the CPU,
+    moved per call)."""
     refs = [step.plan.units[enc.name][u] for u in units]
     if isinstance(enc, VisionSpec):
         parts = [data.image(int(step.indices[r.sample]), r.item, enc) for r in refs]
-        patches = torch.cat([p for p, _ in parts])
-        grid = torch.cat([g for _, g in parts])
+        patches = torch.cat([p for p, _ in parts]).to(device)
+        grid = torch.cat([g for _, g in parts]).to(device)
         out = tower(patches, grid) if trains else tower.trunk(patches, grid)
         rows = [int(g.prod()) // (enc.merge_size**2 if trains else 1) for _, g in parts]
         return list(torch.split(out, rows))
     chunks = [data.audio_chunk(int(step.indices[r.sample]), r.item, r.chunk, enc) for r in refs]
-    mels = torch.stack([m for m, _ in chunks])
+    mels = torch.stack([m for m, _ in chunks]).to(device)
     valid = [v for _, v in chunks]
     return tower(mels, valid) if trains else tower.trunk(mels, valid)
 

@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
-from entrain.runtime.comm import Mailbox, edge_groups
+from entrain.runtime.comm import Mailbox, connect, edge_groups
+from entrain.runtime.device import backend, resolve_device
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
@@ -41,8 +42,9 @@ from entrain.schedule.parallel import ParallelPlan
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int, world: int):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = device or torch.device("cpu")
         self.spec = spec_of(cfg)
         encoders = [e.name for e in self.spec.encoders]
         per_replica, rest = divmod(world, cfg.dp)
@@ -65,10 +67,9 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(
             cfg, lookahead=resolve_lookahead(cfg, self.data, profile, self.plan)
         )
-        self.mail = Mailbox(
-            datetime.timedelta(seconds=cfg.timeout_s),
-            groups=edge_groups(edges(self.roles, self.trains)),
-        )
+        groups = edge_groups(edges(self.roles, self.trains))
+        connect(groups, self.device)
+        self.mail = Mailbox(datetime.timedelta(seconds=cfg.timeout_s), self.device, groups)
         self.named: dict[str, torch.nn.Parameter] = {}
         self._build()
         trainable = [p for p in self.named.values() if p.requires_grad]
@@ -76,10 +77,10 @@ class Trainer:
         self.groups = self._dp_groups()
 
     def _build(self) -> None:
-        spec, cfg, role, trains = self.spec, self.cfg, self.role, self.trains
+        spec, cfg, role, trains, device = self.spec, self.cfg, self.role, self.trains, self.device
         if role.module != "llm":
             enc = next(e for e in spec.encoders if e.name == role.module)
-            tower = build_encoder(spec, enc.name, cfg.seed)
+            tower = build_encoder(spec, enc.name, cfg.seed).to(device)
             self.named = {
                 f"{enc.name}.{n}": p
                 for n, p in tower.named_parameters()
@@ -89,12 +90,12 @@ class Trainer:
                 role,
                 trains[enc.name],
                 lambda units: encode_units(
-                    tower, enc, self.data, self.current, units, trains[enc.name]
+                    tower, enc, self.data, self.current, units, trains[enc.name], device
                 ),
             )
             return
         llm = build_llm(spec, cfg.seed)
-        stage = LLMStage(llm, role.stage, self.plan.llm_pp)
+        stage = LLMStage(llm, role.stage, self.plan.llm_pp).to(device)
         kept = {id(p) for p in stage.parameters()}
         self.named = {f"llm.{n}": p for n, p in llm.named_parameters() if id(p) in kept}
         projectors = {}
@@ -102,7 +103,7 @@ class Trainer:
             for e in spec.encoders:
                 if e.frozen:
                     tower = build_encoder(spec, e.name, cfg.seed)
-                    projectors[e.name] = tower.projector
+                    projectors[e.name] = tower.projector.to(device)
                     prefix = _projector_prefix(tower)
                     self.named.update(
                         {
@@ -114,7 +115,7 @@ class Trainer:
         self.worker = LLMWorker(
             role,
             stage,
-            lambda i: self.data.text(int(self.current.indices[i])),
+            lambda i: self.data.text(int(self.current.indices[i])).to(device),
             projectors,
             trains,
         )
@@ -138,7 +139,7 @@ class Trainer:
         cfg = self.cfg
         self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp, self.cost_model)
         norm = loss_tokens(self.data, st.indices)
-        stats = StepStats()
+        stats = StepStats(device=self.device)
         self.mail.begin(transfers_of(st.plan, self.rank, self.roles, self.trains))
         dist.barrier()
         _inject_fault(step, self.rank)
@@ -273,7 +274,7 @@ class Trainer:
     def save_params(self, out: Path) -> None:
         if self.role.replica == 0:
             torch.save(
-                {n: p.detach().clone() for n, p in self.named.items()},
+                {n: p.detach().cpu().clone() for n, p in self.named.items()},
                 out / f"params-{self.role.name}.pt",
             )
 
@@ -285,14 +286,16 @@ def _projector_prefix(tower) -> str:
     raise AssertionError("tower without a projector")
 
 
-def _init_process_group(timeout: datetime.timedelta) -> None:
-    """gloo, even on GPU machines: modules and messages live on the CPU until the runtime
-    places them on devices, and NCCL cannot move CPU tensors. Under torchrun the store keys
-    get the restart count as a prefix: after a restart, ranks otherwise found the previous
-    attempt's peer addresses in the store and failed to connect (seen with torch 2.13)."""
+def _init_process_group(timeout: datetime.timedelta, device: torch.device) -> None:
+    """gloo on CPU; NCCL for CUDA tensors with gloo beside it (runtime/device.py). Under
+    torchrun the store keys get the restart count as a prefix: after a restart, ranks
+    otherwise found the previous attempt's peer addresses in the store and failed to connect
+    (seen with torch 2.13)."""
     env = os.environ
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL: its communicators bind the current GPU
     if "TORCHELASTIC_RESTART_COUNT" not in env:
-        dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group(backend(device), timeout=timeout)
         return
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
@@ -304,7 +307,9 @@ def _init_process_group(timeout: datetime.timedelta) -> None:
         timeout=timeout,
     )
     store = dist.PrefixStore(f"entrain/attempt{env['TORCHELASTIC_RESTART_COUNT']}", store)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    dist.init_process_group(
+        backend(device), store=store, rank=rank, world_size=world, timeout=timeout
+    )
 
 
 def _inject_fault(step: int, rank: int) -> None:
@@ -339,13 +344,14 @@ def pin_to_core(rank: int) -> None:
 
 def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
+    device = resolve_device(cfg.device)
     if not dist.is_initialized():
-        _init_process_group(datetime.timedelta(seconds=cfg.timeout_s))
+        _init_process_group(datetime.timedelta(seconds=cfg.timeout_s), device)
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.pin_cores:
         pin_to_core(rank)
-    trainer = Trainer(cfg, rank, world)
+    trainer = Trainer(cfg, rank, world, device)
     out = Path(cfg.out) if cfg.out else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
