@@ -93,6 +93,21 @@ class FakeNCCL:
             wb.done.set()
 
 
+def _run_ranks(fake: FakeNCCL, main, n: int) -> None:
+    """main(rank) in n threads with comm's torch.distributed replaced by `fake`."""
+    old = comm.dist
+    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
+    try:
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        comm.dist = old
+    assert not any(t.is_alive() for t in threads), "a rank never returned"
+
+
 class FakeStage:
     """A pipeline stage's interface with one scalar weight: rows and autograd as the real one."""
 
@@ -161,17 +176,7 @@ def run_threads(
         except BaseException as e:  # noqa: BLE001 - reported to the test
             errors[rank] = e
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(len(layout))]
-    old = comm.dist
-    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        comm.dist = old
-    assert not any(t.is_alive() for t in threads), "a rank never returned"
+    _run_ranks(fake, rank_main, len(layout))
     return errors
 
 
@@ -248,16 +253,7 @@ def _sender_and_receiver(order: list[str]) -> dict[int, BaseException]:
         except BaseException as e:  # noqa: BLE001
             errors[rank] = e
 
-    old = comm.dist
-    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
-    try:
-        threads = [threading.Thread(target=main, args=(r,)) for r in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-    finally:
-        comm.dist = old
+    _run_ranks(fake, main, 2)
     return errors
 
 
@@ -272,16 +268,19 @@ def test_a_send_out_of_the_plans_order_is_refused_by_name():
 
 def test_a_message_larger_than_its_transfer_is_refused():
     fake = FakeNCCL()
-    fake.local.rank = 0
-    old = comm.dist
-    comm.dist = SimpleNamespace(get_rank=fake.get_rank, isend=fake.isend, irecv=fake.irecv)
-    try:
+    raised: list[BaseException] = []
+
+    def main(rank: int) -> None:
+        fake.local.rank = rank
         mail = Mailbox(datetime.timedelta(seconds=1))
         mail.begin([Transfer(("a",), 0, 1, (1,), 64, "embeddings of x")])
-        with pytest.raises(comm.TransferTooLarge, match="embeddings of x"):
+        try:
             mail.send(("a",), [torch.ones(10, 10)])
-    finally:
-        comm.dist = old
+        except comm.TransferTooLarge as e:
+            raised.append(e)
+
+    _run_ranks(fake, main, 1)
+    assert raised and "embeddings of x" in str(raised[0])
 
 
 def test_padding_gives_every_message_its_exact_size():

@@ -140,6 +140,16 @@ def _add_policies(parser: argparse.ArgumentParser, verb: str) -> None:
     )
 
 
+def _device_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """--device, as train and profile take it (runtime/device.py resolves it)."""
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help=f"{what}; default auto: the GPUs when CUDA has any, else the CPU",
+    )
+
+
 def _lookahead(text: str) -> int | None | str:
     if text in ("auto", "unlimited"):
         return None if text == "unlimited" else text
@@ -322,13 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-shuffle", action="store_true", help="keep manifest order")
     tr.add_argument("--save-params", action="store_true", help="save parameters at the end (tests)")
     tr.add_argument("--pin-cores", action="store_true", help="pin each rank to its own CPU core")
-    tr.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where ranks compute: cuda (a GPU per process, NCCL), cpu (gloo), or auto "
-        "(default: the GPUs when CUDA has any)",
-    )
+    _device_flag(tr, "where ranks compute: cuda (a GPU per process, NCCL), cpu (gloo)")
     tr.add_argument(
         "--profile",
         default=None,
@@ -425,13 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pr.add_argument("--nproc", type=int, default=2, help="processes (default 2; 1 skips the link)")
     pr.add_argument("--pin-cores", action="store_true", help="pin each process to its own core")
-    pr.add_argument(
-        "--device",
-        choices=("auto", "cpu", "cuda"),
-        default="auto",
-        help="where to time the modules: profile where you train (default: the GPUs when "
-        "CUDA has any, else the CPU)",
-    )
+    _device_flag(pr, "where to time the modules (profile where you train)")
     pr.add_argument("--json", action="store_true", help="print the profile as JSON")
     pr.set_defaults(func=cmd_profile, argv=None)
 

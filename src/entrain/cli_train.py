@@ -71,8 +71,19 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
         raise UserError(
             "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"
         )
+    _check_device(cfg.device, args.nproc)
     argv = sys.argv[1:] if args.argv is None else args.argv
     return _launch_torchrun(args.nproc, argv, args.max_restarts)
+
+
+def _check_device(device: str, nproc: int) -> None:
+    """Refuse an impossible --device before launching: one message, not one per process."""
+    from entrain.runtime.device import resolve_device
+
+    try:
+        resolve_device(device, 0, nproc)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _launch_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
@@ -199,6 +210,7 @@ def cmd_profile(args: argparse.Namespace, err: Console) -> int:
     if args.max_samples < 1:
         raise UserError(f"--max-samples must be >= 1, got {args.max_samples}")
     if "RANK" not in os.environ and args.nproc > 1:
+        _check_device(args.device, args.nproc)
         return _launch_torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     from entrain.models.load import load_spec
     from entrain.runtime.profile import ProfileConfig, profile_main

@@ -15,23 +15,32 @@ import torch
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(name: str) -> torch.device:
-    """The device a rank computes on: "auto" is this rank's GPU when CUDA has one, else the
-    CPU. The GPU is picked by LOCAL_RANK, one per process, as torchrun numbers them."""
+def resolve_device(
+    name: str, local_rank: int | None = None, local_world: int | None = None
+) -> torch.device:
+    """The device a rank computes on: one GPU per process, `cuda:LOCAL_RANK` as torchrun
+    numbers them. "auto" takes the GPUs when the node has one for every local process (all
+    ranks of a node then agree) and the CPU otherwise, so a laptop demo with more processes
+    than GPUs still runs; "cuda" asks for the GPUs and fails clearly when they are not
+    there. Rank and world default to torchrun's environment."""
     if name not in DEVICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    if name == "cpu":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
+    env = os.environ
+    local_rank = int(env.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+    local_world = int(env.get("LOCAL_WORLD_SIZE", "1")) if local_world is None else local_world
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count >= local_world:
+        return torch.device("cuda", local_rank)
+    if name == "auto":
+        return torch.device("cpu")
+    if count == 0:
         raise ValueError("--device cuda, but this torch build sees no CUDA device")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    count = torch.cuda.device_count()
-    if local >= count:
-        raise ValueError(
-            f"local rank {local} has no GPU of its own: this machine has {count}; "
-            f"run at most {count} processes per node, or pass --device cpu"
-        )
-    return torch.device("cuda", local)
+    raise ValueError(
+        f"--device cuda needs a GPU per process: {local_world} processes on this machine, "
+        f"{count} GPU(s); run fewer processes or pass --device cpu"
+    )
 
 
 def backend(device: torch.device) -> str:
