@@ -6,7 +6,7 @@ import pytest
 import torch
 from cli_helpers import run_user_error
 
-from entrain.runtime.device import backend, resolve_device, sync
+from entrain.runtime.device import Placement, place, sync
 
 
 @pytest.fixture
@@ -20,44 +20,53 @@ def gpus(monkeypatch):
     return make
 
 
+CPU, GPU0, GPU1 = torch.device("cpu"), torch.device("cuda", 0), torch.device("cuda", 1)
+
+
 def test_cpu_is_cpu_whatever_the_machine(gpus):
     gpus(8)
-    assert resolve_device("cpu", 0, 2) == torch.device("cpu")
+    assert place("cpu", 0, 2) == Placement(CPU, CPU)
+    assert place("cpu", 0, 2).backend == "gloo"
 
 
 def test_auto_takes_a_gpu_per_process_when_there_are_enough(gpus):
     gpus(4)
-    assert resolve_device("auto", 3, 4) == torch.device("cuda", 3)
-    assert backend(resolve_device("auto", 0, 2)) == "cpu:gloo,cuda:nccl"
+    assert place("auto", 3, 4) == Placement(torch.device("cuda", 3), torch.device("cuda", 3))
+    assert place("auto", 0, 2).backend == "cpu:gloo,cuda:nccl"
 
 
 def test_auto_falls_back_to_the_cpu_for_every_rank_alike(gpus):
     gpus(1)  # a laptop GPU and a 3-process demo: all three ranks take the CPU
-    assert {resolve_device("auto", r, 3) for r in range(3)} == {torch.device("cpu")}
+    assert {place("auto", r, 3) for r in range(3)} == {Placement(CPU, CPU)}
     gpus(0)
-    assert backend(resolve_device("auto", 0, 1)) == "gloo"
+    assert place("auto", 0, 1).backend == "gloo"
 
 
-def test_cuda_without_enough_gpus_is_refused_with_the_counts(gpus):
+def test_cuda_with_fewer_gpus_than_processes_shares_them_over_gloo(gpus):
+    """NCCL refuses two ranks of a communicator on one GPU: messages go through host memory."""
+    gpus(2)
+    got = [place("cuda", r, 3) for r in range(3)]
+    assert [p.device for p in got] == [GPU0, GPU1, GPU0]
+    assert {p.wire for p in got} == {CPU} and {p.backend for p in got} == {"gloo"}
+
+
+def test_cuda_without_any_gpu_or_a_bad_name_is_refused(gpus):
     gpus(0)
     with pytest.raises(ValueError, match="sees no CUDA device"):
-        resolve_device("cuda", 0, 1)
-    gpus(2)
-    with pytest.raises(ValueError, match="3 processes on this machine, 2 GPU"):
-        resolve_device("cuda", 0, 3)
+        place("cuda", 0, 1)
     with pytest.raises(ValueError, match="one of auto, cpu, cuda"):
-        resolve_device("tpu", 0, 1)
+        place("tpu", 0, 1)
 
 
 def test_rank_and_world_come_from_torchrun(gpus, monkeypatch):
     gpus(2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert resolve_device("auto") == torch.device("cuda", 1)
+    assert place("auto").device == GPU1
 
 
 def test_sync_on_the_cpu_is_free():
-    sync(torch.device("cpu"))  # nothing queued, nothing to wait for
+    sync(CPU)  # nothing queued, nothing to wait for
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -78,10 +78,10 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
 
 def _check_device(device: str, nproc: int) -> None:
     """Refuse an impossible --device before launching: one message, not one per process."""
-    from entrain.runtime.device import resolve_device
+    from entrain.runtime.device import place
 
     try:
-        resolve_device(device, 0, nproc)
+        place(device, 0, nproc)
     except ValueError as e:
         raise UserError(str(e)) from None
 

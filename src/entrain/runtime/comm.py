@@ -127,7 +127,7 @@ def edge_groups(edges: Iterable[tuple[int, int]]) -> dict[tuple[int, int], objec
     return {e: dist.new_group(sorted(e)) for e in sorted(set(edges))}
 
 
-def connect(groups: dict[tuple[int, int], object], device: torch.device) -> None:
+def connect(groups: dict[tuple[int, int], object], wire: torch.device) -> None:
     """One small blocking message along every edge, edges in sorted order on every rank.
     NCCL creates a group's communicator on its first operation and blocks until the peer
     creates it too; left to the first real transfers, an encoder creating the gradient
@@ -135,7 +135,7 @@ def connect(groups: dict[tuple[int, int], object], device: torch.device) -> None
     In one global order each rank's creations are a subsequence of the same sequence, so
     none waits in a cycle. On gloo it only moves the connection time out of the first step."""
     rank = dist.get_rank()
-    token = torch.zeros(1, device=device)
+    token = torch.zeros(1, device=wire)
     for (src, dst), group in sorted(groups.items()):
         if rank == src:
             dist.send(token, dst, group=group)
@@ -149,6 +149,7 @@ class Mailbox:
 
     timeout: datetime.timedelta
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where the rank computes: received tensors land there."""
     groups: dict = field(default_factory=dict)
     """(src, dst) -> process group of that direction (missing: the default group)."""
     pending: list = field(default_factory=list)
@@ -157,6 +158,11 @@ class Mailbox:
     _in: dict = field(default_factory=dict)
     _in_by_key: dict = field(default_factory=dict)
     _out_by_key: dict = field(default_factory=dict)
+    wire: torch.device | None = None
+    """Where messages travel from (None: `device`); the CPU when ranks share a GPU."""
+
+    def __post_init__(self) -> None:
+        self.wire = self.device if self.wire is None else self.wire
 
     def begin(self, transfers: Iterable[Transfer]) -> None:
         """Take the iteration's transfers that start or end here, each pair's in the order
@@ -183,7 +189,7 @@ class Mailbox:
                 f"sends {queue[0].key} first"
             )
         queue.popleft()
-        msg = _pack(tensors, t.ids, t.size, self.device)
+        msg = _pack(tensors, t.ids, t.size, self.device).to(self.wire)
         if msg.numel() > t.size:
             raise TransferTooLarge(
                 f"rank {dist.get_rank()}: {t.what} is {msg.numel()} bytes, more than the "
@@ -203,7 +209,7 @@ class Mailbox:
         queue = self._in[t.src]
         while queue:
             nxt = queue.popleft()
-            buf = torch.empty(nxt.size, dtype=torch.uint8, device=self.device)
+            buf = torch.empty(nxt.size, dtype=torch.uint8, device=self.wire)
             work = dist.irecv(buf, nxt.src, group=self.groups.get((nxt.src, nxt.dst)))
             self.posted[nxt.key] = (buf, work, nxt)
             if nxt is t:
@@ -221,7 +227,7 @@ class Mailbox:
                 f"rank {dist.get_rank()} took {t.what} from rank {t.src} but got ids "
                 f"{meta[:8]}, not {list(t.ids[:8])}: the two sides' orders differ"
             )
-        return meta, tensors
+        return meta, [x.to(self.device) for x in tensors]
 
     def _wait(self, work, peer: int, what: str) -> None:
         try:

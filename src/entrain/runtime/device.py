@@ -1,50 +1,62 @@
-"""Where a rank computes, and the process group that can move its tensors.
+"""Where a rank computes, and how its tensors travel.
 
-CPU ranks use gloo. CUDA ranks put modules, inputs and messages on `cuda:LOCAL_RANK` and
-use NCCL for them, with gloo beside it for the small CPU tensors and Python objects of the
-control path (losses, metrics, the validation verdict): one process group with the backend
-"cpu:gloo,cuda:nccl" routes each tensor by its device.
+- CPU ranks use gloo.
+- Ranks with a GPU each put modules, inputs and messages on `cuda:LOCAL_RANK` and use NCCL
+  for them, with gloo beside it for the small CPU tensors and Python objects of the control
+  path (losses, metrics, the validation verdict): one process group with the backend
+  "cpu:gloo,cuda:nccl" routes each tensor by its device.
+- Ranks that share GPUs (`--device cuda` with more processes than GPUs, e.g. a 3-rank smoke
+  run on one GPU) compute on `cuda:LOCAL_RANK % GPUs` but send through host memory over
+  gloo: NCCL refuses two ranks of one communicator on the same GPU.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(
-    name: str, local_rank: int | None = None, local_world: int | None = None
-) -> torch.device:
-    """The device a rank computes on: one GPU per process, `cuda:LOCAL_RANK` as torchrun
-    numbers them. "auto" takes the GPUs when the node has one for every local process (all
-    ranks of a node then agree) and the CPU otherwise, so a laptop demo with more processes
-    than GPUs still runs; "cuda" asks for the GPUs and fails clearly when they are not
-    there. Rank and world default to torchrun's environment."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a rank computes and where its messages travel from."""
+
+    device: torch.device
+    wire: torch.device
+    """The device messages and all-reduced gradients are sent from: the GPU itself under
+    NCCL, host memory under gloo."""
+
+    @property
+    def backend(self) -> str:
+        return "cpu:gloo,cuda:nccl" if self.wire.type == "cuda" else "gloo"
+
+
+def place(name: str, local_rank: int | None = None, local_world: int | None = None) -> Placement:
+    """Where a rank goes. "auto" takes a GPU per process when the node has one for every
+    local process (all ranks of a node then agree) and the CPU otherwise, so a laptop demo
+    with more processes than GPUs still runs on the CPU; "cuda" insists on GPUs: one each
+    with NCCL when there are enough, shared (messages over gloo) when not, and fails clearly
+    without any. Rank and world default to torchrun's environment."""
     if name not in DEVICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    cpu = torch.device("cpu")
     if name == "cpu":
-        return torch.device("cpu")
+        return Placement(cpu, cpu)
     env = os.environ
     local_rank = int(env.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
     local_world = int(env.get("LOCAL_WORLD_SIZE", "1")) if local_world is None else local_world
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count >= local_world:
-        return torch.device("cuda", local_rank)
+        gpu = torch.device("cuda", local_rank)
+        return Placement(gpu, gpu)
     if name == "auto":
-        return torch.device("cpu")
+        return Placement(cpu, cpu)
     if count == 0:
         raise ValueError("--device cuda, but this torch build sees no CUDA device")
-    raise ValueError(
-        f"--device cuda needs a GPU per process: {local_world} processes on this machine, "
-        f"{count} GPU(s); run fewer processes or pass --device cpu"
-    )
-
-
-def backend(device: torch.device) -> str:
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    return Placement(torch.device("cuda", local_rank % count), cpu)
 
 
 def sync(device: torch.device) -> None:
@@ -63,6 +75,10 @@ def sync_in_use() -> None:
         torch.cuda.current_stream().synchronize()
 
 
-def name_of(device: torch.device) -> str:
-    """What a profile records as its device."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def name_of(placement: Placement) -> str:
+    """What a profile records as its device: "cpu", or how messages travel and the GPU's
+    name ("cuda-nccl: NVIDIA H200"; "cuda-gloo: ..." when ranks share a GPU)."""
+    if placement.device.type != "cuda":
+        return "cpu"
+    wire = "nccl" if placement.wire.type == "cuda" else "gloo"
+    return f"cuda-{wire}: {torch.cuda.get_device_name(placement.device)}"

@@ -31,7 +31,7 @@ from entrain.cost.flops import analytic_cost_model
 from entrain.cost.profile import P2PFit, Profile
 from entrain.cost.tokens import smart_resize
 from entrain.models.spec import ModelSpec, VisionSpec
-from entrain.runtime.device import backend, name_of, resolve_device, sync_in_use
+from entrain.runtime.device import Placement, name_of, place, sync_in_use
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import optimizer
 from entrain.workload.columnar import Workload
@@ -207,7 +207,7 @@ def measure(
     """Every module's timed runs on this process: {"modules": {m: {"forward": runs, ...}},
     "llm_projectors": {...}, "step": {m: s}}."""
     torch.manual_seed(cfg.seed + 7919 * rank)
-    device = resolve_device(cfg.device)
+    device = place(cfg.device).device
     batch = cost_batch(workload, spec)
     inputs = _Inputs(spec, workload, batch, cfg.seed + 7919 * rank, device)
     rng = np.random.default_rng([cfg.seed, rank])
@@ -259,7 +259,7 @@ def _achieved_flops(spec: ModelSpec, measured: dict) -> tuple[float, float]:
     return flops, secs
 
 
-def measure_p2p(peer: int, device: torch.device, repeats: int = 7) -> P2PFit | None:
+def measure_p2p(peer: int, placement: Placement, repeats: int = 7) -> P2PFit | None:
     """Ranks 0 and 1 time Mailbox transfers of several sizes as the runtime makes them: the
     receive is posted ahead, the receiver takes the message once it was sent (it computed
     meanwhile), so its time is what taking a message costs it; the sender's time is what
@@ -269,7 +269,8 @@ def measure_p2p(peer: int, device: torch.device, repeats: int = 7) -> P2PFit | N
     from entrain.runtime.comm import Mailbox, Transfer, capacity
 
     rank = dist.get_rank()
-    mail = Mailbox(datetime.timedelta(seconds=60), device)
+    device = placement.device
+    mail = Mailbox(datetime.timedelta(seconds=60), device, wire=placement.wire)
     runs: list[Run] = []
     sends: list[float] = []
     for n_bytes in P2P_BYTES:
@@ -340,7 +341,7 @@ def fit_profile(
         devices=devices,
         p2p=p2p,
         # gloo's receives run on the waiting core; NCCL's on a stream of their own
-        blocking_p2p=device == "cpu",
+        blocking_p2p=not device.startswith("cuda-nccl"),
         bytes_per_value=4,  # the runtime trains and sends fp32
         host={
             "device": device,
@@ -361,19 +362,19 @@ def run_profile(
     """Profile on this process, or on every process of the initialized group (rank 0 gets
     the profile, the others None)."""
     torch.set_num_threads(1)
-    device = resolve_device(cfg.device)
+    placement = place(cfg.device)
     if not dist.is_initialized():
         measured = [measure(cfg, spec, workload, 0, on_run)]
-        return fit_profile(spec, measured, None, 1, name_of(device))
+        return fit_profile(spec, measured, None, 1, name_of(placement))
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = measure(cfg, spec, workload, rank, on_run)
     dist.barrier()
-    p2p = measure_p2p(1, device)
+    p2p = measure_p2p(1, placement)
     parts = [None] * world
     dist.all_gather_object(parts, mine)
     if rank != 0:
         return None
-    return fit_profile(spec, parts, p2p, world, name_of(device))
+    return fit_profile(spec, parts, p2p, world, name_of(placement))
 
 
 def profile_main(
@@ -386,11 +387,11 @@ def profile_main(
     from entrain.runtime.train import pin_to_core
 
     distributed = "RANK" in os.environ
-    device = resolve_device(cfg.device)
+    placement = place(cfg.device)
     if distributed and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend(device), timeout=datetime.timedelta(seconds=600))
+        if placement.device.type == "cuda":
+            torch.cuda.set_device(placement.device)
+        dist.init_process_group(placement.backend, timeout=datetime.timedelta(seconds=600))
     rank = dist.get_rank() if distributed else 0
     if pin_cores:
         pin_to_core(rank)

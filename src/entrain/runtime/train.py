@@ -24,7 +24,7 @@ import torch.distributed as dist
 from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox, connect, edge_groups
-from entrain.runtime.device import backend, resolve_device
+from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
@@ -42,9 +42,9 @@ from entrain.schedule.parallel import ParallelPlan
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, device: torch.device | None = None):
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, placement: Placement):
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.device = device or torch.device("cpu")
+        self.placement, self.device = placement, placement.device
         self.spec = spec_of(cfg)
         encoders = [e.name for e in self.spec.encoders]
         per_replica, rest = divmod(world, cfg.dp)
@@ -68,8 +68,10 @@ class Trainer:
             cfg, lookahead=resolve_lookahead(cfg, self.data, profile, self.plan)
         )
         groups = edge_groups(edges(self.roles, self.trains))
-        connect(groups, self.device)
-        self.mail = Mailbox(datetime.timedelta(seconds=cfg.timeout_s), self.device, groups)
+        connect(groups, placement.wire)
+        self.mail = Mailbox(
+            datetime.timedelta(seconds=cfg.timeout_s), self.device, groups, wire=placement.wire
+        )
         self.named: dict[str, torch.nn.Parameter] = {}
         self._build()
         trainable = [p for p in self.named.values() if p.requires_grad]
@@ -191,7 +193,13 @@ class Trainer:
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=self.groups)
+            wire = self.placement.wire
+            if p.grad.device == wire:
+                dist.all_reduce(p.grad, group=self.groups)
+            else:  # ranks share a GPU: through host memory over gloo
+                g = p.grad.to(wire)
+                dist.all_reduce(g, group=self.groups)
+                p.grad.copy_(g)
 
     def _check_samples(self) -> list:
         """Rank 0 checks every sample against its files (all decoded once); every rank gets
@@ -286,16 +294,16 @@ def _projector_prefix(tower) -> str:
     raise AssertionError("tower without a projector")
 
 
-def _init_process_group(timeout: datetime.timedelta, device: torch.device) -> None:
+def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> None:
     """gloo on CPU; NCCL for CUDA tensors with gloo beside it (runtime/device.py). Under
     torchrun the store keys get the restart count as a prefix: after a restart, ranks
     otherwise found the previous attempt's peer addresses in the store and failed to connect
     (seen with torch 2.13)."""
     env = os.environ
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before NCCL: its communicators bind the current GPU
+    if placement.device.type == "cuda":  # before NCCL: its communicators bind the current GPU
+        torch.cuda.set_device(placement.device)
     if "TORCHELASTIC_RESTART_COUNT" not in env:
-        dist.init_process_group(backend(device), timeout=timeout)
+        dist.init_process_group(placement.backend, timeout=timeout)
         return
     rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
     agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # the agent hosts the store
@@ -308,7 +316,7 @@ def _init_process_group(timeout: datetime.timedelta, device: torch.device) -> No
     )
     store = dist.PrefixStore(f"entrain/attempt{env['TORCHELASTIC_RESTART_COUNT']}", store)
     dist.init_process_group(
-        backend(device), store=store, rank=rank, world_size=world, timeout=timeout
+        placement.backend, store=store, rank=rank, world_size=world, timeout=timeout
     )
 
 
@@ -344,14 +352,14 @@ def pin_to_core(rank: int) -> None:
 
 def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
-    device = resolve_device(cfg.device)
+    placement = place(cfg.device)
     if not dist.is_initialized():
-        _init_process_group(datetime.timedelta(seconds=cfg.timeout_s), device)
+        _init_process_group(datetime.timedelta(seconds=cfg.timeout_s), placement)
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.pin_cores:
         pin_to_core(rank)
-    trainer = Trainer(cfg, rank, world, device)
+    trainer = Trainer(cfg, rank, world, placement)
     out = Path(cfg.out) if cfg.out else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
