@@ -128,12 +128,18 @@ class TrainConfig:
 
 class Dataset:
     """Records and their columnar sizes; text ids and unit inputs on demand, cached.
-    `drop` leaves samples out by their manifest index (bad samples under --skip-bad)."""
+    `drop` leaves samples out by their manifest index (bad samples under --skip-bad);
+    `parsed` is the manifest's (records, workload) when the caller has read it already."""
 
-    def __init__(self, path: str | Path, spec: ModelSpec, drop: Collection[int] = ()):
+    def __init__(
+        self,
+        path: str | Path,
+        spec: ModelSpec,
+        drop: Collection[int] = (),
+        parsed: tuple[list[Record], Workload] | None = None,
+    ):
         self.spec = spec
-        self.records: list[Record] = load_records(path)
-        self.workload: Workload = read_manifest(path)
+        self.records, self.workload = parsed or (load_records(path), read_manifest(path))
         if drop:
             keep = np.setdiff1d(np.arange(len(self.records)), np.fromiter(drop, np.int64))
             self.records = [self.records[int(i)] for i in keep]

@@ -26,6 +26,7 @@ from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox, connect, edge_groups
 from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
+from entrain.runtime.inputs import load_records
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
 from entrain.runtime.setup import (
@@ -39,6 +40,7 @@ from entrain.runtime.setup import (
 )
 from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule.parallel import ParallelPlan
+from entrain.workload.manifest import read_manifest
 
 
 class Trainer:
@@ -60,8 +62,9 @@ class Trainer:
         self.roles = roles(self.plan, encoders)
         self.role = self.roles[rank]
         self.trains = {e.name: not e.frozen for e in self.spec.encoders}
-        self.skipped = self._check_samples()
-        self.data = Dataset(cfg.data, self.spec, drop=[b.index for b in self.skipped])
+        parsed = (load_records(cfg.data), read_manifest(cfg.data))  # once, for both uses
+        self.skipped = self._check_samples(*parsed)
+        self.data = Dataset(cfg.data, self.spec, [b.index for b in self.skipped], parsed)
         profile = profile_of(cfg, self.spec)
         self.cost_model = profile.cost_model() if profile else None
         self.cfg = cfg = dataclasses.replace(
@@ -201,12 +204,11 @@ class Trainer:
                 dist.all_reduce(g, group=self.groups)
                 p.grad.copy_(g)
 
-    def _check_samples(self) -> list:
+    def _check_samples(self, records: list, workload) -> list:
         """Rank 0 checks every sample against its files (all decoded once); every rank gets
         the verdict, so all leave out the same samples or all stop with the same message."""
-        from entrain.runtime.inputs import SampleError, load_records
+        from entrain.runtime.inputs import SampleError
         from entrain.runtime.validate import summary, validate_samples
-        from entrain.workload.manifest import read_manifest
 
         cfg = self.cfg
         if cfg.validate == "off":
@@ -214,8 +216,8 @@ class Trainer:
         verdict: list = [None]
         if self.rank == 0:
             bad = validate_samples(
-                load_records(cfg.data),
-                read_manifest(cfg.data),
+                records,
+                workload,
                 self.spec,
                 cfg.max_sample_tokens,
                 workers=min(8, os.cpu_count() or 1),
