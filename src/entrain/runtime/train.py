@@ -142,10 +142,14 @@ class Trainer:
 
     def step(self, step: int) -> dict:
         cfg = self.cfg
+        # the assignment is on every rank's critical path, so the step's time includes it
+        # (and the previous step's closing barrier left every rank starting together)
+        t_plan = time.perf_counter()
         self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp, self.cost_model)
         norm = loss_tokens(self.data, st.indices)
         stats = StepStats(device=self.device)
         self.mail.begin(transfers_of(st.plan, self.rank, self.roles, self.trains))
+        plan_s = time.perf_counter() - t_plan
         dist.barrier()
         _inject_fault(step, self.rank)
         t0 = time.perf_counter()
@@ -162,7 +166,7 @@ class Trainer:
         total = torch.tensor([loss], dtype=torch.float64)
         dist.all_reduce(total)
         dist.barrier()
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t_plan
         busy = [None] * self.world
         dist.all_gather_object(
             busy,
@@ -179,10 +183,11 @@ class Trainer:
             "step": step,
             "loss": float(total) / norm,
             "iter_time": wall,
+            "plan_time": plan_s,
             "samples_per_s": len(st.indices) / wall,
             "tokens_per_s": tokens / wall,
             "busy": {f"{n}/r{r}": b for n, r, b, _, _ in busy},
-            "idle": {f"{n}/r{r}": wall - b for n, r, b, _, _ in busy},
+            "idle": {f"{n}/r{r}": wall - plan_s - b for n, r, b, _, _ in busy},
             "peak_deferred_tokens": max(d for *_, d in busy),
             "_events": [(f"{n}/r{r}", lab, a, b) for n, r, _, ev, _ in busy for lab, a, b in ev],
             "_samples": [self.data.records[int(i)].id for i in st.indices],
