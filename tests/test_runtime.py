@@ -214,3 +214,33 @@ def test_frozen_encoder_step_equals_single_process(demo, tmp_path):
           "--microbatches", "3")  # fmt: skip
     cfg = TrainConfig(data=str(data), model=str(path), steps=1, global_batch=6, microbatches=3)
     assert_matches_reference(out, cfg)
+
+
+def test_plan_ahead_prepares_each_step_once_in_order_from_any_start():
+    from entrain.runtime.train import PlanAhead
+
+    calls: list[int] = []
+
+    def prepare(step: int) -> int:
+        calls.append(step)
+        return step * 10
+
+    ahead = PlanAhead(prepare, 6)
+    assert [ahead.take(s) for s in range(2, 6)] == [20, 30, 40, 50]  # a resumed run
+    ahead.close()
+    assert calls == [2, 3, 4, 5]
+
+
+def test_plan_ahead_raises_a_failed_preparation_in_its_own_step():
+    from entrain.runtime.train import PlanAhead
+
+    def prepare(step: int) -> int:
+        if step == 1:
+            raise ValueError("bad batch 1")
+        return step
+
+    ahead = PlanAhead(prepare, 3)
+    assert ahead.take(0) == 0
+    with pytest.raises(ValueError, match="bad batch 1"):
+        ahead.take(1)
+    ahead.close()

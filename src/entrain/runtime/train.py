@@ -16,6 +16,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ import torch.distributed as dist
 
 from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
-from entrain.runtime.comm import Mailbox, connect, edge_groups
+from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
 from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.inputs import load_records
@@ -31,6 +34,7 @@ from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
 from entrain.runtime.setup import (
     Dataset,
+    Step,
     TrainConfig,
     encode_units,
     make_step,
@@ -41,6 +45,38 @@ from entrain.runtime.setup import (
 from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.manifest import read_manifest
+
+
+@dataclass
+class Prepared:
+    step: Step
+    transfers: list[Transfer]
+    loss_tokens: int
+    seconds: float
+    """How long preparing it took."""
+
+
+class PlanAhead:
+    """Prepares step n + 1 in a background thread while step n trains, so the assignment
+    (milliseconds of numpy per step, tens at large batches, on every rank) leaves the
+    critical path: the thread computes while the main thread waits on messages or the GPU.
+    Everything it computes is deterministic in the step number, so every rank still gets
+    the same plan."""
+
+    def __init__(self, prepare: Callable[[int], Prepared], steps: int):
+        self.prepare, self.steps = prepare, steps
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrain-plan")
+        self.pending: dict[int, Future] = {}
+
+    def take(self, step: int) -> Prepared:
+        """Step `step`'s preparation (waiting for it if it is not done), and start the next."""
+        fut = self.pending.pop(step, None) or self.pool.submit(self.prepare, step)
+        if step + 1 < self.steps:
+            self.pending[step + 1] = self.pool.submit(self.prepare, step + 1)
+        return fut.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Trainer:
@@ -140,17 +176,27 @@ class Trainer:
                 mine = g
         return mine
 
-    def step(self, step: int) -> dict:
-        cfg = self.cfg
-        # the assignment is on every rank's critical path, so the step's time includes it
-        # (and the previous step's closing barrier left every rank starting together)
-        t_plan = time.perf_counter()
-        self.current = st = make_step(self.data, cfg, step, self.plan.llm_pp, self.cost_model)
-        norm = loss_tokens(self.data, st.indices)
+    def prepare(self, step: int) -> Prepared:
+        """What a step computes without communicating: its batch, assignment, plan and this
+        rank's transfers. PlanAhead runs it a step ahead, in a thread."""
+        t0 = time.perf_counter()
+        st = make_step(self.data, self.cfg, step, self.plan.llm_pp, self.cost_model)
+        return Prepared(
+            st,
+            transfers_of(st.plan, self.rank, self.roles, self.trains),
+            loss_tokens(self.data, st.indices),
+            time.perf_counter() - t0,
+        )
+
+    def step(self, step: int, ahead: PlanAhead | None = None) -> dict:
+        t_start = time.perf_counter()
+        prepared = ahead.take(step) if ahead else self.prepare(step)
+        plan_wait = time.perf_counter() - t_start  # what the plan cost the critical path
+        self.current = st = prepared.step
+        norm = prepared.loss_tokens
         stats = StepStats(device=self.device)
-        self.mail.begin(transfers_of(st.plan, self.rank, self.roles, self.trains))
-        plan_s = time.perf_counter() - t_plan
-        dist.barrier()
+        self.mail.begin(prepared.transfers)
+        dist.barrier()  # (the previous step's closing barrier left every rank starting together)
         _inject_fault(step, self.rank)
         t0 = time.perf_counter()
         loss = 0.0
@@ -166,7 +212,7 @@ class Trainer:
         total = torch.tensor([loss], dtype=torch.float64)
         dist.all_reduce(total)
         dist.barrier()
-        wall = time.perf_counter() - t_plan
+        wall = time.perf_counter() - t_start
         busy = [None] * self.world
         dist.all_gather_object(
             busy,
@@ -183,11 +229,12 @@ class Trainer:
             "step": step,
             "loss": float(total) / norm,
             "iter_time": wall,
-            "plan_time": plan_s,
+            "plan_time": prepared.seconds,
+            "plan_wait": plan_wait,
             "samples_per_s": len(st.indices) / wall,
             "tokens_per_s": tokens / wall,
             "busy": {f"{n}/r{r}": b for n, r, b, _, _ in busy},
-            "idle": {f"{n}/r{r}": wall - plan_s - b for n, r, b, _, _ in busy},
+            "idle": {f"{n}/r{r}": wall - plan_wait - b for n, r, b, _, _ in busy},
             "peak_deferred_tokens": max(d for *_, d in busy),
             "_events": [(f"{n}/r{r}", lab, a, b) for n, r, _, ev, _ in busy for lab, a, b in ev],
             "_samples": [self.data.records[int(i)].id for i in st.indices],
@@ -392,9 +439,10 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
         for name in ("metrics", "samples")
         if out and rank == 0
     }
+    ahead = PlanAhead(trainer.prepare, cfg.steps)
     try:
         for step in range(start, cfg.steps):
-            m = trainer.step(step)
+            m = trainer.step(step, ahead)
             events = m.pop("_events")
             consumed = m.pop("_samples")
             history.append(m)
@@ -420,6 +468,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
             where = f" (listed in {out / 'skipped.jsonl'})" if out else ""
             print(f"entrain: trained without {len(trainer.skipped)} bad sample(s){where}")
     finally:
+        ahead.close()
         for f in logs.values():
             f.close()
         if bar:
