@@ -49,27 +49,18 @@ def entrain(*args: str, env: dict) -> subprocess.CompletedProcess:
     return res
 
 
+def train(data: Path, out: Path, policy: str, device: str, env: dict, *flags: str) -> None:
+    """`entrain train` on NPROC processes of the device."""
+    where = ["--data", str(data), "--out", str(out), "--device", device, "--nproc", str(NPROC)]
+    entrain("train", "--policy", policy, *where, *flags, env=env)
+
+
 def equivalence(data: Path, work: Path, device: str, env: dict) -> bool:
     ok = True
     for policy in ("entrain", "sequential"):
         out = work / f"eq-{policy}"
         flags = ["--steps", "1", "--global-batch", "10", "--microbatches", "3"]
-        entrain(
-            "train",
-            "--data",
-            str(data),
-            "--policy",
-            policy,
-            "--nproc",
-            str(NPROC),
-            "--device",
-            device,
-            "--save-params",
-            "--out",
-            str(out),
-            *flags,
-            env=env,
-        )
+        train(data, out, policy, device, env, "--save-params", *flags)
         cfg = TrainConfig(data=str(data), policy=policy, steps=1, global_batch=10, microbatches=3)
         ref = reference_params(cfg)
         got: dict[str, torch.Tensor] = {}
@@ -93,26 +84,8 @@ def throughput(data: Path, work: Path, device: str, env: dict, steps: int) -> di
     times = {}
     for policy in ("sequential", "llm-balanced", "entrain"):
         out = work / f"tp-{policy}"
-        entrain(
-            "train",
-            "--data",
-            str(data),
-            "--policy",
-            policy,
-            "--nproc",
-            str(NPROC),
-            "--device",
-            device,
-            "--steps",
-            str(steps),
-            "--global-batch",
-            "32",
-            "--microbatches",
-            "8",
-            "--out",
-            str(out),
-            env=env,
-        )
+        flags = ["--steps", str(steps), "--global-batch", "32", "--microbatches", "8"]
+        train(data, out, policy, device, env, *flags)
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         times[policy] = statistics.median(r["iter_time"] for r in rows[4:])  # epoch 1 = 4 steps
         print(f"  {policy:12s} {times[policy]:.4f} s/step (median of steps 5-{steps})")
