@@ -299,3 +299,8 @@ def test_a_microbatch_of_only_deferred_samples_runs(pp):
     it = IterationPlan.build(batch, asg, SPEC, pp, item_locator(w))
     assert it.embed_sources(0, 3) and all(k == 0 for _, _, k in it.embed_sources(0, 3))
     assert not run_threads(SPEC, it, 1, pp)
+
+
+def test_a_transfer_sent_twice_is_refused():
+    errors = _sender_and_receiver(["a", "a"])
+    assert isinstance(errors[0], OutOfOrder) and "has sent it already" in str(errors[0])

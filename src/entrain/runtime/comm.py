@@ -183,10 +183,10 @@ class Mailbox:
         if t is None:
             raise OutOfOrder(f"rank {dist.get_rank()} sends {key}, which the plan does not have")
         queue = self._out[t.dst]
-        if queue[0] is not t:
+        if not queue or queue[0] is not t:
+            due = f"sends {queue[0].key} first" if queue else "has sent it already"
             raise OutOfOrder(
-                f"rank {dist.get_rank()} sends {key} to rank {t.dst}, but the plan's order "
-                f"sends {queue[0].key} first"
+                f"rank {dist.get_rank()} sends {key} to rank {t.dst}, but the plan's order {due}"
             )
         queue.popleft()
         msg = _pack(tensors, t.ids, t.size, self.device).to(self.wire)
