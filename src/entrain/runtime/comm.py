@@ -184,7 +184,7 @@ class Mailbox:
             raise OutOfOrder(f"rank {dist.get_rank()} sends {key}, which the plan does not have")
         queue = self._out[t.dst]
         if not queue or queue[0] is not t:
-            due = f"sends {queue[0].key} first" if queue else "has sent it already"
+            due = f"sends {queue[0].key} first" if t in queue else "has sent it already"
             raise OutOfOrder(
                 f"rank {dist.get_rank()} sends {key} to rank {t.dst}, but the plan's order {due}"
             )
