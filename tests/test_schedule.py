@@ -306,3 +306,19 @@ def test_negative_deferred_token_cap_is_rejected():
             assign(policy, batch, 1, 4, max_deferred_tokens=-1)
     with pytest.raises(ValueError, match="max_deferred_tokens must be >= 0"):
         entrain(batch, 1, 4, EntrainConfig(max_deferred_tokens=-5))
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("pool", [None, 2])
+def test_units_stay_within_the_policys_replica_pool(policy, pool):
+    """What the runtime's channels rely on (schedule.replica_pool)."""
+    from entrain.schedule import replica_pool
+    from entrain.workload.traces import generate_workload
+
+    block = replica_pool(policy, 4, pool)
+    for seed in range(3):
+        batch = cost_batch(generate_workload("omni", 64, seed=seed), OMNI)
+        asg = assign(policy, batch, 4, 4, None, pool)
+        for e, u in batch.units.items():
+            home = asg.sample_replica[u.sample] // block
+            assert (asg.unit_replica[e] // block == home).all(), (policy, e)

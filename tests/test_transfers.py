@@ -31,7 +31,7 @@ from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.setup import item_locator
 from entrain.runtime.transfers import edges, roles, sends, transfers_of
-from entrain.schedule import POLICIES, assign
+from entrain.schedule import POLICIES, assign, replica_pool
 from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.traces import generate_workload
 
@@ -126,16 +126,22 @@ class FakeStage:
         return h.sum() * 1e-3
 
 
-def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1):
+def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None):
     M, B = 4, 8 * dp
     w = generate_workload("omni", B, seed=seed)
     batch = cost_batch(w, spec)
-    asg = assign(policy, batch, dp, M, lookahead if policy == "entrain" else None)
+    asg = assign(policy, batch, dp, M, lookahead if policy == "entrain" else None, pool)
     return IterationPlan.build(batch, asg, spec, pp, item_locator(w))
 
 
 def run_threads(
-    spec, it: IterationPlan, dp: int, pp: int, per_direction: bool = True, timeout_s: float = 5
+    spec,
+    it: IterationPlan,
+    dp: int,
+    pp: int,
+    per_direction: bool = True,
+    timeout_s: float = 5,
+    block: int | None = None,
 ):
     """Every rank's worker in a thread over FakeNCCL; the errors raised, by rank."""
     names = [e.name for e in spec.encoders]
@@ -143,7 +149,8 @@ def run_threads(
     trains = {e.name: not e.frozen for e in spec.encoders}
     fake = FakeNCCL()
     shared = object()
-    groups = {e: (object() if per_direction else shared) for e in edges(layout, trains)}
+    block = dp if block is None else block
+    groups = {e: (object() if per_direction else shared) for e in edges(layout, trains, block)}
     errors: dict[int, BaseException] = {}
     weight = nn.Parameter(torch.tensor(1.0))
 
@@ -194,8 +201,25 @@ def test_every_policy_keeps_the_order_under_nccl_rules(policy, dp, pp):
     for seed in range(3):
         spec = FROZEN_AUDIO if seed == 2 else SPEC
         it = _plan(spec, policy, dp, pp, seed)
-        errors = run_threads(spec, it, dp, pp)
+        errors = run_threads(spec, it, dp, pp, block=replica_pool(policy, dp))
         assert not errors, {r: repr(e) for r, e in errors.items()}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_channels_only_within_the_policys_replica_pool(policy):
+    """4 replicas, Entrain pooling 2 by 2: every transfer finds the channel the runtime
+    opened for it (a transfer outside them would be refused by name)."""
+    block = replica_pool(policy, 4, 2)
+    assert block == {"encoder-rebalance": 4, "entrain": 2}.get(policy, 1)
+    it = _plan(SPEC, policy, 4, 1, 0, pool=2)
+    errors = run_threads(SPEC, it, 4, 1, block=block)
+    assert not errors, {r: repr(e) for r, e in errors.items()}
+
+
+def test_a_transfer_without_a_channel_is_refused_by_name():
+    it = _plan(SPEC, "entrain", 2, 1, 0)  # pooled over both replicas
+    errors = run_threads(SPEC, it, 2, 1, block=1)  # channels opened within replicas only
+    assert errors and any("no channel from rank" in str(e) for e in errors.values()), errors
 
 
 @pytest.mark.parametrize("lookahead", [0, 2, None])
@@ -220,7 +244,7 @@ def test_every_transfer_has_one_sender_and_one_receiver():
     everything = [t for role in layout for t in sends(it, role, layout, trains)]
     keys = [t.key for t in everything]
     assert len(keys) == len(set(keys))
-    allowed = set(edges(layout, trains))
+    allowed = set(edges(layout, trains, 2))
     assert all((t.src, t.dst) in allowed for t in everything)
     for rank in range(len(layout)):
         mine = transfers_of(it, rank, layout, trains)

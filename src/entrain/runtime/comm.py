@@ -170,6 +170,11 @@ class Mailbox:
         rank = dist.get_rank()
         self._out, self._in, self._in_by_key, self._out_by_key = {}, {}, {}, {}
         for t in transfers:
+            if self.groups and (t.src, t.dst) not in self.groups and rank in (t.src, t.dst):
+                raise OutOfOrder(
+                    f"rank {rank}: no channel from rank {t.src} to rank {t.dst} for {t.what}: "
+                    "the assignment sent work outside the replica pool the runtime planned for"
+                )
             if t.src == rank:
                 self._out.setdefault(t.dst, deque()).append(t)
                 self._out_by_key[t.key] = t

@@ -43,6 +43,7 @@ from entrain.runtime.setup import (
     spec_of,
 )
 from entrain.runtime.transfers import edges, roles, transfers_of
+from entrain.schedule import replica_pool
 from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.manifest import read_manifest
 
@@ -106,7 +107,8 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(
             cfg, lookahead=resolve_lookahead(cfg, self.data, profile, self.plan)
         )
-        groups = edge_groups(edges(self.roles, self.trains))
+        block = replica_pool(cfg.policy, cfg.dp, cfg.pool)
+        groups = edge_groups(edges(self.roles, self.trains, block))
         connect(groups, placement.wire)
         self.mail = Mailbox(
             datetime.timedelta(seconds=cfg.timeout_s), self.device, groups, wire=placement.wire

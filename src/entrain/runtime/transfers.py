@@ -71,15 +71,21 @@ def act_grad_key(replica: int, stage: int, j: int) -> tuple:
     return ("act_grad", replica, stage, j)
 
 
-def edges(layout: list[Role], trains: dict[str, bool]) -> list[tuple[int, int]]:
-    """Every (src, dst) pair of ranks that may carry a transfer in some iteration: encoders
-    to and from every replica's first LLM stage (pooled encoders feed other replicas),
-    neighbouring LLM stages both ways."""
+def edges(layout: list[Role], trains: dict[str, bool], block: int) -> list[tuple[int, int]]:
+    """Every (src, dst) pair of ranks that may carry a transfer in some iteration: each
+    encoder to and from the first LLM stage of every replica in its block of `block`
+    replicas (schedule.replica_pool: 1 when units stay on their replica), neighbouring LLM
+    stages both ways. Fewer pairs, fewer process groups (on NCCL, communicators with their
+    own buffers)."""
     rank = {r: i for i, r in enumerate(layout)}
+    replicas = sorted({r.replica for r in layout})
     out = []
     for role, i in rank.items():
         if role.module != "llm":
-            for d in {r.replica for r in layout}:
+            first_of_block = role.replica - role.replica % block
+            for d in replicas:
+                if not first_of_block <= d < first_of_block + block:
+                    continue
                 first = rank[Role("llm", d, 0)]
                 out.append((i, first))
                 if trains[role.module]:

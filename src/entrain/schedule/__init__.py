@@ -29,6 +29,19 @@ POLICIES: dict[str, Policy] = {
 BASELINES: tuple[str, ...] = tuple(p for p in POLICIES if p != "entrain")
 
 
+def replica_pool(policy: str, dp: int, pool: int | None = None) -> int:
+    """Size of the blocks of consecutive replicas (0..k-1, k..2k-1, ...) that exchange units
+    under `policy`: an encoder's units feed only LLMs of its own block. The coupled
+    policies keep every unit on its sample's replica; encoder-rebalance spreads units over
+    all replicas; Entrain over `pool` replicas (all when None). The runtime opens channels
+    between encoders and LLMs of one block only."""
+    if policy == "encoder-rebalance":
+        return dp
+    if policy == "entrain":
+        return dp if pool is None else max(1, min(pool, dp))
+    return 1
+
+
 def assign(
     policy: str,
     batch: CostedBatch,
@@ -61,6 +74,7 @@ def assign(
 __all__ = [
     "BASELINES",
     "POLICIES",
+    "replica_pool",
     "Assignment",
     "BatchMetrics",
     "EntrainConfig",
