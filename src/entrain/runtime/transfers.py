@@ -71,30 +71,33 @@ def act_grad_key(replica: int, stage: int, j: int) -> tuple:
     return ("act_grad", replica, stage, j)
 
 
+def feeds(src: Role, dst: Role, trains: dict[str, bool], block: int) -> bool:
+    """Whether `src` may ever send to `dst`: an encoder to the first LLM stage of a replica
+    in its block of `block` replicas (schedule.replica_pool; 1 when units stay on their
+    replica) and that stage back to a trained encoder, neighbouring LLM stages of a replica
+    both ways. The shape of the pipeline, before any plan: what channels are opened for,
+    and whose transfers a rank has to work out."""
+    if src.module != "llm" or dst.module != "llm":
+        enc, llm = (src, dst) if src.module != "llm" else (dst, src)
+        back = enc is dst
+        return (
+            llm.module == "llm"
+            and llm.stage == 0
+            and enc.replica // block == llm.replica // block
+            and (not back or trains[enc.module])
+        )
+    return src.replica == dst.replica and abs(src.stage - dst.stage) == 1
+
+
 def edges(layout: list[Role], trains: dict[str, bool], block: int) -> list[tuple[int, int]]:
-    """Every (src, dst) pair of ranks that may carry a transfer in some iteration: each
-    encoder to and from the first LLM stage of every replica in its block of `block`
-    replicas (schedule.replica_pool: 1 when units stay on their replica), neighbouring LLM
-    stages both ways. Fewer pairs, fewer process groups (on NCCL, communicators with their
-    own buffers)."""
-    rank = {r: i for i, r in enumerate(layout)}
-    replicas = sorted({r.replica for r in layout})
-    out = []
-    for role, i in rank.items():
-        if role.module != "llm":
-            first_of_block = role.replica - role.replica % block
-            for d in replicas:
-                if not first_of_block <= d < first_of_block + block:
-                    continue
-                first = rank[Role("llm", d, 0)]
-                out.append((i, first))
-                if trains[role.module]:
-                    out.append((first, i))
-        else:
-            nxt = Role("llm", role.replica, role.stage + 1)
-            if nxt in rank:
-                out += [(i, rank[nxt]), (rank[nxt], i)]
-    return out
+    """Every (src, dst) pair of ranks that may carry a transfer in some iteration. Fewer
+    pairs, fewer process groups (on NCCL, communicators with their own buffers)."""
+    return [
+        (i, j)
+        for i, a in enumerate(layout)
+        for j, b in enumerate(layout)
+        if i != j and feeds(a, b, trains, block)
+    ]
 
 
 def sends(
@@ -167,9 +170,12 @@ def sends(
 def transfers_of(
     it: IterationPlan, rank: int, layout: list[Role], trains: dict[str, bool]
 ) -> list[Transfer]:
-    """The iteration's transfers that start or end at `rank`, each sender's in its order."""
-    mine = [t for t in sends(it, layout[rank], layout, trains)]
+    """The iteration's transfers that start or end at `rank`, each sender's in its order.
+    Only ranks that can send here are worked out (all replicas count as one block: the
+    plan, not the channels, says where units went)."""
+    me = layout[rank]
+    mine = sends(it, me, layout, trains)
     for other in layout:
-        if other != layout[rank]:
+        if other != me and feeds(other, me, trains, it.asg.dp):
             mine += [t for t in sends(it, other, layout, trains) if t.dst == rank]
     return mine
