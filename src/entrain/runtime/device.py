@@ -20,6 +20,12 @@ import torch
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def check_device(name: str) -> None:
+    """Refuse a --device that is none of DEVICES (before anything touches CUDA)."""
+    if name not in DEVICES:
+        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a rank computes and where its messages travel from."""
@@ -40,8 +46,7 @@ def place(name: str, local_rank: int | None = None, local_world: int | None = No
     with more processes than GPUs still runs on the CPU; "cuda" insists on GPUs: one each
     with NCCL when there are enough, shared (messages over gloo) when not, and fails clearly
     without any. Rank and world default to torchrun's environment."""
-    if name not in DEVICES:
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    check_device(name)
     cpu = torch.device("cpu")
     if name == "cpu":
         return Placement(cpu, cpu)

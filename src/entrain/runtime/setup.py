@@ -16,7 +16,7 @@ from entrain.cost.flops import CostModel
 from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import load_spec
 from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
-from entrain.runtime.device import DEVICES
+from entrain.runtime.device import check_device
 from entrain.runtime.inputs import (
     Record,
     SampleError,
@@ -77,8 +77,9 @@ class TrainConfig:
     pin_cores: bool = False
     """Pin each local rank to its own CPU core (steadier CPU timings)."""
     device: str = "auto"
-    """Where ranks compute: "cuda" (one GPU per process, NCCL for the tensors), "cpu" (gloo),
-    or "auto": the GPUs when CUDA has any, else the CPU."""
+    """Where ranks compute (runtime/device.py): "cuda" (a GPU per process with NCCL, or
+    shared GPUs with messages over gloo when there are fewer), "cpu" (gloo), or "auto": a
+    GPU per process when the node has enough, else the CPU."""
     profile: str | None = None
     """A measured profile (`entrain profile`): the assignment balances measured seconds
     instead of FLOPs."""
@@ -103,8 +104,7 @@ class TrainConfig:
     broken past its header then fails when training reaches it), "off" skips the check."""
 
     def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_device(self.device)
         if self.validate not in ("full", "headers", "off"):
             raise ValueError(f"--validate must be full, headers or off, got {self.validate!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
