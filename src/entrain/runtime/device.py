@@ -64,18 +64,12 @@ def place(name: str, local_rank: int | None = None, local_world: int | None = No
     return Placement(torch.device("cuda", local_rank % count), cpu)
 
 
-def sync(device: torch.device) -> None:
-    """Wait for the work queued on this rank's compute stream, so that a wall-clock reading
-    after it times the work, not its launch. Only the compute stream: a device-wide
-    synchronize would also wait on sends parked in NCCL until their peer posts its receive,
-    which may be waiting on this rank."""
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-def sync_in_use() -> None:
-    """`sync` of the current GPU when this process has put work on one (timing helpers that
-    do not know where their work runs; a no-op in a CPU-only process)."""
+def sync() -> None:
+    """Wait for the work queued on this process's compute stream when it computes on a GPU,
+    so that a wall-clock reading after it times the work, not its launch. Only the compute
+    stream: a device-wide synchronize would also wait on sends parked in NCCL until their
+    peer posts its receive, which may be waiting on this rank. A no-op in a process that
+    has not touched CUDA (CPU ranks)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.current_stream().synchronize()
 

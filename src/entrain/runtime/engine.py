@@ -35,10 +35,9 @@ class StepStats:
     events: list[tuple[str, float, float]] = field(default_factory=list)
     peak_deferred: int = 0
     """Most embedding rows held at once for a later LLM microbatch than the running one."""
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def timed(self, label: str, t0: float) -> None:
-        sync(self.device)  # on a GPU, the action's kernels, not their launch
+        sync()  # on a GPU, the action's kernels, not their launch
         t1 = time.perf_counter()
         self.busy += t1 - t0
         self.events.append((label, t0, t1))

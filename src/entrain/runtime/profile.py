@@ -31,7 +31,7 @@ from entrain.cost.flops import analytic_cost_model
 from entrain.cost.profile import P2PFit, Profile
 from entrain.cost.tokens import smart_resize
 from entrain.models.spec import ModelSpec, VisionSpec
-from entrain.runtime.device import Placement, name_of, place, sync_in_use
+from entrain.runtime.device import Placement, name_of, place, sync
 from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import optimizer
 from entrain.workload.columnar import Workload
@@ -58,10 +58,10 @@ Run = tuple[np.ndarray, float]  # (unit sizes of the run, seconds)
 
 
 def _timed(fn: Callable, *args) -> tuple[object, float]:
-    sync_in_use()
+    sync()
     t0 = time.perf_counter()
     out = fn(*args)
-    sync_in_use()  # on a GPU: the kernels' time, not their launch
+    sync()  # on a GPU: the kernels' time, not their launch
     return out, time.perf_counter() - t0
 
 

@@ -196,7 +196,7 @@ class Trainer:
         plan_wait = time.perf_counter() - t_start  # what the plan cost the critical path
         self.current = st = prepared.step
         norm = prepared.loss_tokens
-        stats = StepStats(device=self.device)
+        stats = StepStats()
         self.mail.begin(prepared.transfers)
         dist.barrier()  # (the previous step's closing barrier left every rank starting together)
         _inject_fault(step, self.rank)
