@@ -422,6 +422,7 @@ def _frozen_vision_spec(tmp_path: Path) -> str:
 
 
 def test_profile_of_a_frozen_encoder_times_its_projector_on_the_llm_side(demo, tmp_path):
+    from entrain.runtime.device import place
     from entrain.runtime.profile import ProfileConfig, fit_profile, measure
 
     spec = load_spec(_frozen_vision_spec(tmp_path))
@@ -430,7 +431,7 @@ def test_profile_of_a_frozen_encoder_times_its_projector_on_the_llm_side(demo, t
     assert set(m["modules"]["vision"]) == {"forward"}  # no backward: the tower is frozen
     assert set(m["llm_projectors"]["vision"]) == {"forward", "backward"}
     assert m["step"]["vision"] == 0.0
-    prof = fit_profile(spec, [m], None, 1, "cpu")
+    prof = fit_profile(spec, [m], None, 1, place("cpu"))
     model = prof.cost_model()
     assert model["vision"].backward(np.array([100.0])).sum() == 0
     assert model.llm_projectors["vision"].forward(np.array([100.0])).sum() > 0

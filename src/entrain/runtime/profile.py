@@ -309,7 +309,11 @@ def measure_p2p(peer: int, placement: Placement, repeats: int = 7) -> P2PFit | N
 
 
 def fit_profile(
-    spec: ModelSpec, measured: list[dict], p2p: P2PFit | None, devices: int, device: str
+    spec: ModelSpec,
+    measured: list[dict],
+    p2p: P2PFit | None,
+    devices: int,
+    placement: Placement,
 ) -> Profile:
     """Pool the runs of every process and fit each module's forward and backward."""
 
@@ -341,10 +345,10 @@ def fit_profile(
         devices=devices,
         p2p=p2p,
         # gloo's receives run on the waiting core; NCCL's on a stream of their own
-        blocking_p2p=not device.startswith("cuda-nccl"),
+        blocking_p2p=placement.wire.type != "cuda",
         bytes_per_value=4,  # the runtime trains and sends fp32
         host={
-            "device": device,
+            "device": name_of(placement),
             "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(),
             "threads_per_process": torch.get_num_threads(),
@@ -365,7 +369,7 @@ def run_profile(
     placement = place(cfg.device)
     if not dist.is_initialized():
         measured = [measure(cfg, spec, workload, 0, on_run)]
-        return fit_profile(spec, measured, None, 1, name_of(placement))
+        return fit_profile(spec, measured, None, 1, placement)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = measure(cfg, spec, workload, rank, on_run)
     dist.barrier()
@@ -374,7 +378,7 @@ def run_profile(
     dist.all_gather_object(parts, mine)
     if rank != 0:
         return None
-    return fit_profile(spec, parts, p2p, world, name_of(placement))
+    return fit_profile(spec, parts, p2p, world, placement)
 
 
 def profile_main(
