@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/regimes.py
 	$(PY) benchmarks/sim_eval.py
 	$(PY) benchmarks/sim_vs_real.py
+	$(PY) benchmarks/bench_load.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

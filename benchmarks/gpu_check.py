@@ -10,6 +10,9 @@
 2. Throughput of sequential, llm-balanced and entrain through the same runtime, side by
    side: medians of the steps after the first epoch (the first decodes every file).
 3. A profile of the modules on the device (`entrain profile --device`).
+4. A pretrained Hugging Face folder (a tiny Qwen2-VL made with transformers) loaded
+   straight to each rank's GPU, trained one step as ViT + 2 LLM stages, its parameters
+   compared with the CPU reference and its loss with the transformers model's.
 
 With fewer GPUs than processes the ranks share GPUs and send through host memory over
 gloo (runtime/device.py); NCCL's path needs a GPU per process. The report says which ran.
@@ -94,6 +97,40 @@ def throughput(data: Path, work: Path, device: str, env: dict, steps: int) -> di
     return times
 
 
+def pretrained(work: Path, device: str, env: dict) -> bool:
+    """A model folder on the device: loss vs transformers, parameters vs the CPU reference."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_models import tiny_vl, transformers_loss
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from entrain.data.codec import HFCodec
+    from entrain.models.hf import hf_model
+
+    folder = tiny_vl(work / "Qwen2-VL-tiny")
+    data = make_demo_data(
+        work / "hf-data", 16, seed=2, audio_share=0.0, codec=HFCodec(folder, hf_model(folder))
+    )
+    out = work / "hf-run"
+    flags = ["--steps", "1", "--global-batch", "8", "--microbatches", "2", "--save-params"]
+    train(data, out, "entrain", device, env, "--model", str(folder), "--pp", "2", *flags)
+    cfg = TrainConfig(data=str(data), model=str(folder), steps=1, global_batch=8, microbatches=2)
+    ref = reference_params(cfg)
+    got: dict[str, torch.Tensor] = {}
+    for f in glob.glob(str(out / "params-*.pt")):
+        got.update(torch.load(f))
+    worst = max(float((got[n] - p).abs().max()) for n, p in ref.items())
+    close = set(got) == set(ref) and all(
+        torch.allclose(got[n], p, rtol=1e-3, atol=1e-4) for n, p in ref.items()
+    )
+    loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    want = transformers_loss(Qwen2VLForConditionalGeneration, folder, cfg)
+    print(
+        f"  loss {loss:.6f} vs transformers {want:.6f}; params vs CPU reference: max |diff| "
+        f"{worst:.2e} -> {'ok' if close else 'DIFFERENT'}"
+    )
+    return close and abs(loss - want) <= 1e-3 * abs(want)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -131,6 +168,8 @@ def main() -> int:
             env=env,
         )
         print("\n".join("  " + x for x in res.stdout.strip().splitlines()[-16:]))
+        print("4. a pretrained Hugging Face folder on the device (ViT + 2 LLM stages)")
+        ok &= pretrained(work, args.device, env)
         print(f"done in {time.perf_counter() - t0:.0f} s; equivalence {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
 

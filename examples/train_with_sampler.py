@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from entrain.data import EntrainBatchSampler
+from entrain.data.codec import ByteTokenizer
 from entrain.models.load import load_spec
 from entrain.runtime.demo_data import make_demo_data
 from entrain.runtime.inputs import image_patches
-from entrain.runtime.tokenizer import ByteTokenizer
 
 HIDDEN, VOCAB = 64, 512
 

@@ -27,7 +27,9 @@ import entrain.runtime.comm as comm
 from entrain.cost.batch import cost_batch
 from entrain.models.load import load_spec
 from entrain.runtime.comm import Mailbox, OutOfOrder, Transfer, TransferTimeout
+from entrain.data.sequence import Span
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
+from entrain.runtime.setup import SampleInputs
 from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.setup import item_locator
 from entrain.runtime.transfers import edges, roles, sends, transfers_of
@@ -115,15 +117,30 @@ class FakeStage:
         self.last, self.width = last, width
         self.w = nn.Parameter(torch.tensor(1.0))
 
-    def embed_sample(self, prefix: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        base = sum((p.sum() for p in prefix), torch.tensor(0.0)) * 1e-3 + self.w
-        return base * torch.ones(1, text.shape[0], self.width)  # text stands for the sequence
+    def embed_sample(self, ids: torch.Tensor, spans, items) -> torch.Tensor:
+        base = sum((u.sum() for units in items for u in units), torch.tensor(0.0)) * 1e-3
+        return (base + self.w) * torch.ones(1, ids.shape[0], self.width)  # the sequence's rows
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return h * self.w
 
-    def loss(self, h: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return h.sum() * 1e-3
+
+
+def fake_sample(it: IterationPlan, s: int) -> SampleInputs:
+    """A sample's inputs with one span per item of its units (rows as the plan counts)."""
+    rows: dict[tuple[str, int], int] = {}
+    for e, u in it.prefix[s]:
+        ref = it.units[e][u]
+        rows[ref.modality, ref.item] = rows.get((ref.modality, ref.item), 0) + it.unit_rows[e][u]
+    spans, start = [], 0
+    for (m, item), n in rows.items():
+        spans.append(Span(m, item, start, n))
+        start += n
+    length = it.seq_rows[s]
+    z = torch.zeros(length, dtype=torch.long)
+    return SampleInputs(z, z, torch.arange(length)[None], tuple(spans))
 
 
 def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None):
@@ -175,9 +192,7 @@ def run_threads(
                     if e.frozen and role.stage == 0
                 }
                 stage = FakeStage(role.stage == pp - 1, spec.llm.hidden_size)
-                worker = LLMWorker(
-                    role, stage, lambda s: torch.zeros(it.seq_rows[s]), projectors, trains
-                )
+                worker = LLMWorker(role, stage, lambda s: fake_sample(it, s), projectors, trains)
                 worker.step(it, mail, StepStats(), 1)
             mail.flush()
         except BaseException as e:  # noqa: BLE001 - reported to the test

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from entrain.cli_common import UserError, progress_bar, stdout_console
 from entrain.cli_data import add_manifest_parser
+from entrain.cli_export import cmd_export
 from entrain.cli_plan import cmd_plan, cmd_simulate
 from entrain.cli_train import cmd_demo_data, cmd_profile, cmd_report, cmd_runs, cmd_train
 from entrain.models.presets import PRESETS
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument(
         "--model",
         required=True,
-        help=f"model preset ({', '.join(PRESETS)}) or a YAML/JSON spec file",
+        help=f"model preset ({', '.join(PRESETS)}), a YAML/JSON spec file, or a Hugging Face "
+        "model folder (its config.json)",
     )
     an.add_argument("--dp", type=int, required=True, help="data-parallel replicas D")
     an.add_argument("--microbatches", type=int, required=True, help="microbatches per replica M")
@@ -237,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = sub.add_parser(name, help=helptext, description=_PLAN_HELP[name])
         sp.add_argument("manifest", help="JSON Lines manifest")
-        sp.add_argument("--model", required=True, help="model preset or spec file")
+        sp.add_argument(
+            "--model", required=True, help="model preset, spec file or Hugging Face model folder"
+        )
         sp.add_argument("--gpus", type=int, required=True, help="GPUs G the plan uses")
         sp.add_argument(
             "--hardware", default="h100", help="hardware profile: h100, h200, a100 (default h100)"
@@ -292,7 +296,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc P to launch torchrun on this machine.",
     )
     tr.add_argument("--data", required=True, help="training manifest (see `entrain demo-data`)")
-    tr.add_argument("--model", default="tiny", help="model preset or spec file (default tiny)")
+    tr.add_argument(
+        "--model",
+        default="tiny",
+        help="model preset, spec file, or a local Hugging Face model folder (config.json + "
+        "safetensors; Qwen2-VL or Qwen2.5-VL): its config gives the architecture, its "
+        "weights the start, its tokenizer the ids (default tiny)",
+    )
+    tr.add_argument(
+        "--init-from",
+        default="same",
+        metavar="DIR|none",
+        help="weights to start from: another folder with the same architecture, or 'none' "
+        "for random weights (default: the --model folder itself)",
+    )
+    tr.add_argument(
+        "--audio-from",
+        default=None,
+        metavar="DIR",
+        help="a Whisper model folder: its encoder becomes the audio encoder, with a new "
+        "projector into the LLM (the omni case)",
+    )
+    tr.add_argument(
+        "--freeze",
+        default="",
+        metavar="MODULES",
+        help="comma-separated modules that do not train: vision, audio, llm (a frozen "
+        "encoder's projector still trains, as in LLaVA-style fine-tuning)",
+    )
+    tr.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="tokenizer folder (default: the --model folder's own)",
+    )
     tr.add_argument("--policy", default="entrain", choices=list(POLICIES), help="assignment policy")
     tr.add_argument("--steps", type=int, default=10, help="optimizer steps (default 10)")
     tr.add_argument("--global-batch", type=int, default=16, help="samples per step (default 16)")
@@ -410,7 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
         "as busy as in training) and two of them time real sends for the link. The "
         "profile replaces the FLOPs model in simulate, plan and train (--profile).",
     )
-    pr.add_argument("--model", default="tiny", help="model preset or spec file (default tiny)")
+    pr.add_argument(
+        "--model",
+        default="tiny",
+        help="model preset, spec file or Hugging Face model folder (its architecture, random "
+        "weights: values do not change the time of dense math; default tiny)",
+    )
     pr.add_argument("-o", "--output", default="profile.json", help="where to write the profile")
     src = pr.add_mutually_exclusive_group()
     src.add_argument("--data", help="manifest whose sample sizes to profile on (recommended)")
@@ -455,7 +497,48 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("-o", "--output", required=True, help="directory to write")
     dd.add_argument("--n", type=int, default=96, help="samples (default 96)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    dd.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="a Hugging Face model folder: count text tokens with its tokenizer and "
+        "placeholders, so the data trains with `entrain train --model DIR` (default: the "
+        "byte tokenizer of the presets)",
+    )
     dd.set_defaults(func=cmd_demo_data)
+
+    ex = sub.add_parser(
+        "export",
+        help="write a trained run's checkpoint as a Hugging Face model folder",
+        description="Gather every rank's part of a checkpoint of a run started from a Hugging "
+        "Face model folder and write a folder that transformers loads "
+        "(from_pretrained): the source folder's config, tokenizer and processor files, and "
+        "the trained weights as safetensors shards under the source's tensor names.",
+    )
+    ex.add_argument("run", help="run directory (entrain train --out), or a checkpoint folder")
+    ex.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="the checkpoint after this many steps (default: the latest complete one)",
+    )
+    ex.add_argument("-o", "--output", required=True, help="folder to write")
+    ex.add_argument(
+        "--dtype",
+        default="source",
+        choices=("source", "float32", "bfloat16", "float16"),
+        help="dtype of the written weights (default: the source checkpoint's)",
+    )
+    ex.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors file, as transformers writes them (default 5GB)",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    ex.add_argument("--json", action="store_true", help="print what was written as JSON")
+    ex.set_defaults(func=cmd_export)
 
     ru = sub.add_parser(
         "runs",
@@ -524,11 +607,23 @@ def main(argv: list[str] | None = None) -> int:
 def _same_on_every_rank(e: Exception) -> bool:
     """Errors every rank of a run raises alike (bad input found before training): under
     torchrun only rank 0 prints them."""
+    from entrain.data.codec import CodecError
+    from entrain.models.hf import HFConfigError
     from entrain.models.load import SpecError
+    from entrain.runtime.hf_load import WeightsError
     from entrain.runtime.inputs import SampleError
     from entrain.workload.manifest import ManifestError
 
-    return isinstance(e, SampleError | UserError | ManifestError | SpecError)
+    return isinstance(
+        e,
+        SampleError
+        | UserError
+        | ManifestError
+        | SpecError
+        | HFConfigError
+        | WeightsError
+        | CodecError,
+    )
 
 
 if __name__ == "__main__":

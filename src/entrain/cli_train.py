@@ -20,7 +20,13 @@ def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
-    path = make_demo_data(args.output, args.n, seed=args.seed)
+    codec = None
+    if args.model:
+        from entrain.data.codec import HFCodec
+        from entrain.models.hf import hf_model
+
+        codec = HFCodec(args.model, hf_model(args.model))
+    path = make_demo_data(args.output, args.n, seed=args.seed, codec=codec)
     err.print(f"wrote {args.n} samples (PNG images, WAV clips, captions) and {path}")
     return 0
 
@@ -51,6 +57,10 @@ TRAIN_FLAGS = (
     "skip_bad",
     "max_sample_tokens",
     "validate",
+    "init_from",
+    "audio_from",
+    "freeze",
+    "tokenizer",
 )
 
 
@@ -72,8 +82,26 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
             "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"
         )
     _check_device(cfg.device, args.nproc)
+    _check_model(cfg, err)
     argv = sys.argv[1:] if args.argv is None else args.argv
     return _launch_torchrun(args.nproc, argv, args.max_restarts)
+
+
+def _check_model(cfg, err: Console) -> None:
+    """A model folder's config, tokenizer and every tensor's presence and shape (headers
+    only), before launching: one line for a bad folder, and no rank starts on half-loaded
+    weights."""
+    if not os.path.isdir(cfg.model):
+        return
+    from entrain.runtime.source import check_weights, model_source
+
+    source = model_source(
+        cfg.model, cfg.seed, cfg.init_from, cfg.audio_from, cfg.freeze, cfg.tokenizer
+    )
+    source.codec()
+    n = check_weights(source)
+    if n:
+        err.print(f"entrain: {cfg.model}: {n} tensors present with the shapes its config gives")
 
 
 def _check_device(device: str, nproc: int) -> None:

@@ -33,16 +33,17 @@ def smart_resize(h: np.ndarray, w: np.ndarray, factor: int, min_pixels, max_pixe
     return hb.astype(np.int64), wb.astype(np.int64)
 
 
-def image_patches(spec: VisionSpec, h: np.ndarray, w: np.ndarray, frames: np.ndarray | None = None):
-    """Patches per image, or per video frame when `frames` is given, shape (I,).
+def image_grid(spec: VisionSpec, h: np.ndarray, w: np.ndarray, frames: np.ndarray | None = None):
+    """Patch grid (rows, columns) of each image, or of each video frame when `frames` is
+    given; two arrays of shape (I,).
 
     Video frames share a pixel budget (`video_total_pixels`), so the more frames a video has
     the smaller each is made, within the per-frame bounds, as qwen-vl-utils does.
     """
     p = spec.patch_size
     if spec.resize == "fixed":
-        g = spec.image_size // p
-        return np.full(np.shape(h), g * g, dtype=np.int64)
+        g = np.full(np.shape(h), spec.image_size // p, dtype=np.int64)
+        return g, g.copy()
     if frames is None:
         lo, hi = spec.min_pixels, spec.max_pixels
     else:
@@ -50,7 +51,28 @@ def image_patches(spec: VisionSpec, h: np.ndarray, w: np.ndarray, frames: np.nda
         budget = spec.video_total_pixels / np.asarray(frames, np.float64) * spec.temporal_patch_size
         hi = np.maximum(np.minimum(spec.video_max_pixels, budget), lo * 1.05)
     hb, wb = smart_resize(h, w, p * spec.merge_size, lo, hi)
-    return (hb // p) * (wb // p)
+    return hb // p, wb // p
+
+
+def image_patches(spec: VisionSpec, h: np.ndarray, w: np.ndarray, frames: np.ndarray | None = None):
+    """Patches per image, or per video frame when `frames` is given, shape (I,)."""
+    gh, gw = image_grid(spec, h, w, frames)
+    return gh * gw
+
+
+def vision_grids(spec: VisionSpec, modality: str, size: np.ndarray) -> np.ndarray:
+    """(I, 3) grid of each item in patches: temporal patches, rows, columns (Qwen2-VL's
+    `grid_thw`; an image is one temporal patch, its frame repeated)."""
+    size = np.asarray(size)
+    if modality == "image":
+        gh, gw = image_grid(spec, size[:, 0], size[:, 1])
+        t = np.ones(len(size), dtype=np.int64)
+    elif modality == "video":
+        gh, gw = image_grid(spec, size[:, 1], size[:, 2], frames=size[:, 0])
+        t = -(-size[:, 0].astype(np.int64) // spec.temporal_patch_size)
+    else:
+        raise ValueError(f"vision encoder {spec.name!r} cannot take modality {modality!r}")
+    return np.stack([t, gh, gw], axis=1).astype(np.int64)
 
 
 def vision_units(spec: VisionSpec, modality: str, size: np.ndarray):
@@ -63,14 +85,8 @@ def vision_units(spec: VisionSpec, modality: str, size: np.ndarray):
     """
     extra = 1 if spec.cls_token else 0
     merge2 = spec.merge_size**2
-    if modality == "image":
-        patches = image_patches(spec, size[:, 0], size[:, 1])
-        n_units = np.ones(len(size), dtype=np.int64)
-    elif modality == "video":
-        patches = image_patches(spec, size[:, 1], size[:, 2], frames=size[:, 0])
-        n_units = -(-size[:, 0].astype(np.int64) // spec.temporal_patch_size)
-    else:
-        raise ValueError(f"vision encoder {spec.name!r} cannot take modality {modality!r}")
+    grid = vision_grids(spec, modality, size).reshape(-1, 3)
+    n_units, patches = grid[:, 0], grid[:, 1] * grid[:, 2]
     return n_units, np.repeat(patches + extra, n_units), np.repeat(patches // merge2, n_units)
 
 

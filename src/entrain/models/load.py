@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from entrain.models.hf import spec_from_folder
 from entrain.models.presets import PRESETS
 from entrain.models.spec import AudioSpec, ModelSpec, TransformerSpec, VisionSpec
 
@@ -112,14 +113,21 @@ def spec_to_dict(spec: ModelSpec) -> dict:
 
 
 def load_spec(name_or_path: str | os.PathLike) -> ModelSpec:
-    """A preset by name, or a spec from a .yaml/.yml/.json file."""
+    """A preset by name, a spec from a .yaml/.yml/.json file, or the spec of a Hugging Face
+    model folder (read from its config.json)."""
     key = str(name_or_path)
     if key in PRESETS:
         return PRESETS[key]()
     path = Path(key)
+    if path.is_dir():
+        try:
+            return spec_from_folder(path)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
     if not path.exists():
         raise SpecError(
-            f"unknown model {key!r}: not a preset ({', '.join(PRESETS)}) and no such file"
+            f"unknown model {key!r}: not a preset ({', '.join(PRESETS)}), and no such file or "
+            "model folder"
         )
     text = path.read_text(encoding="utf-8")
     try:
@@ -127,3 +135,36 @@ def load_spec(name_or_path: str | os.PathLike) -> ModelSpec:
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SpecError(f"{path}: cannot parse ({e})") from None
     return spec_from_dict(data, where=str(path))
+
+
+def apply_freeze(spec: ModelSpec, frozen: tuple[str, ...] | list[str]) -> ModelSpec:
+    """The spec with the named modules frozen (a frozen encoder's projector still trains)."""
+    unknown = set(frozen) - set(spec.modules)
+    if unknown:
+        raise SpecError(
+            f"--freeze {','.join(sorted(unknown))}: model {spec.name!r} has no such module "
+            f"(its modules: {', '.join(spec.modules)})"
+        )
+    encoders = tuple(
+        dataclasses.replace(e, frozen=e.frozen or e.name in frozen) for e in spec.encoders
+    )
+    return dataclasses.replace(
+        spec, encoders=encoders, llm_frozen=spec.llm_frozen or "llm" in frozen
+    )
+
+
+def run_spec(
+    model: str, audio_from: str | None = None, freeze: tuple[str, ...] | list[str] = ()
+) -> ModelSpec:
+    """The spec a training run uses: `--model` (preset, spec file or model folder), an audio
+    encoder from `--audio-from`, modules frozen by `--freeze`."""
+    if audio_from is not None:
+        if not Path(model).is_dir():
+            raise SpecError("--audio-from needs --model to be a Hugging Face model folder")
+        try:
+            spec = spec_from_folder(model, audio_from)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+    else:
+        spec = load_spec(model)
+    return apply_freeze(spec, tuple(freeze))

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from entrain.data.codec import ByteTokenizer, TextCodec
 from entrain.runtime.inputs import SAMPLE_RATE, Record, manifest_line, to_json_line
-from entrain.runtime.tokenizer import ByteTokenizer
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -73,18 +73,20 @@ def make_demo_data(
     vocab: int = 512,
     long_text: float = 0.0,
     sides: tuple[int, int] = (40, 240),
+    codec: TextCodec | None = None,
 ) -> Path:
     """Write `n` samples under `root` (images/, audio/, manifest.jsonl); returns the manifest.
 
     `long_text` is the share of samples whose caption goes on with a long description, so
     that LLM work varies independently of the images (as in instruction data, where a
     short answer and a long one can come with the same picture); `sides` bounds the image
-    heights and widths in pixels."""
+    heights and widths in pixels. `codec` counts the text tokens (default: the byte tokenizer
+    of a `vocab`-sized vocabulary, what the presets train with)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    tok = ByteTokenizer(vocab)
+    tok = codec or ByteTokenizer(vocab)
     lines = []
     for i in range(n):
         sid = f"demo-{i:05d}"

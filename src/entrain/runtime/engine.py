@@ -20,6 +20,7 @@ from entrain.runtime.comm import Mailbox
 from entrain.runtime.device import sync
 from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.modules import LLMStage
+from entrain.runtime.setup import SampleInputs
 from entrain.runtime.transfers import Role, act_grad_key, act_key, embed_grad_key, embed_key
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
 
@@ -90,19 +91,32 @@ class EncoderWorker:
                 stats.timed(f"B{k}", t0)
 
 
+def span_items(
+    it: IterationPlan, smp: int, spans, embedding: Callable[[str, int], torch.Tensor]
+) -> list[list[torch.Tensor]]:
+    """Per span of sample `smp` (in sequence order), the embeddings of its item's units in
+    chunk order: what `LLMStage.embed_sample` puts in the span's rows."""
+    by_item: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for e, u in it.prefix[smp]:
+        ref = it.units[e][u]
+        by_item.setdefault((ref.modality, ref.item), []).append(embedding(e, u))
+    return [by_item.get((sp.modality, sp.item), []) for sp in spans]
+
+
 class LLMWorker:
-    """An LLM pipeline stage. Stage 0 builds each sample's sequence from the received unit
-    embeddings (through the LLM-side projector of a frozen encoder) and its text."""
+    """An LLM pipeline stage. Stage 0 builds each sample's sequence from its tokens and the
+    received unit embeddings (through the LLM-side projector of a frozen encoder), each
+    where its placeholder stands."""
 
     def __init__(
         self,
         role: Role,
         stage: LLMStage,
-        text: Callable[[int], torch.Tensor],
+        sample: Callable[[int], SampleInputs],
         projectors: dict[str, nn.Module],
         encoder_trains: dict[str, bool],
     ):
-        self.role, self.stage, self.text = role, stage, text
+        self.role, self.stage, self.sample = role, stage, sample
         self.projectors, self.encoder_trains = projectors, encoder_trains
 
     def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats, loss_tokens: int) -> float:
@@ -140,15 +154,18 @@ class LLMWorker:
                 t0 = time.perf_counter()
                 hidden_in, hidden_out, loss = [], [], None
                 for i, smp in enumerate(samples):
+                    inp = self.sample(smp)
                     if s == 0:
-                        prefix = [self._embedding(e, u, received) for e, u in it.prefix[smp]]
-                        h = self.stage.embed_sample(prefix, self.text(smp))
+                        items = span_items(
+                            it, smp, inp.spans, lambda e, u: self._embedding(e, u, received)
+                        )
+                        h = self.stage.embed_sample(inp.ids, inp.spans, items)
                     else:
                         h = xs[i].unsqueeze(0)
                         hidden_in.append(xs[i])
-                    h = self.stage(h)
+                    h = self.stage(h, inp.positions)
                     if self.stage.last:
-                        lo = self.stage.loss(h, self.text(smp)) / loss_tokens
+                        lo = self.stage.loss(h, inp.labels) / loss_tokens
                         loss = lo if loss is None else loss + lo
                     else:
                         hidden_out.append(h[0])

@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 
 from entrain.cost.tokens import smart_resize
+from entrain.data.codec import TextCodec
+from entrain.data.sequence import count_text_tokens
 from entrain.models.spec import AudioSpec, VisionSpec
-from entrain.runtime.tokenizer import ByteTokenizer
 from entrain.workload.manifest import ManifestError, parse_record
 
 # CLIP / Qwen2-VL normalization
@@ -160,9 +161,14 @@ def log_mel(audio: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, list[int]
     return torch.from_numpy(feats.astype(np.float32)), valid
 
 
-def manifest_line(rec: Record, tokenizer: ByteTokenizer) -> dict:
+def manifest_line(rec: Record, codec: TextCodec) -> dict:
     """The manifest entry (sizes and token count) that describes a sample's files."""
-    out: dict = {"id": rec.id, "text_tokens": len(tokenizer.encode(rec.text)), "text": rec.text}
+    counts = {"image": len(rec.images), "audio": len(rec.audio)}
+    out: dict = {
+        "id": rec.id,
+        "text_tokens": count_text_tokens(rec.id, rec.text, counts, codec),
+        "text": rec.text,
+    }
     sizes = []
     for path in rec.images:
         with Image.open(path) as im:

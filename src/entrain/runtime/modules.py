@@ -1,26 +1,31 @@
-"""Real Hugging Face modules built from a model spec, with random weights (no downloads).
+"""The runtime's modules, wrapped around real Hugging Face ones.
 
-- vision: Qwen2-VL's ViT (`Qwen2VisionTransformerPretrainedModel`): native dynamic
-  resolution, per-image attention; its patch merger is the vision projector.
-- audio: Whisper's encoder (`WhisperEncoder`) over padded chunks, 2x pooling, an MLP projector.
-- llm: `Qwen2ForCausalLM`, cut into pipeline stages by decoder layer.
+- vision: Qwen2-VL's (or Qwen2.5-VL's) ViT: native dynamic resolution, per-image attention;
+  its patch merger is the vision projector.
+- audio: Whisper's encoder over padded chunks, 2x pooling, an MLP projector.
+- llm: a transformers decoder (Qwen2, or Qwen2-VL's with M-RoPE), cut into pipeline stages
+  by decoder layer.
 
-Every module is initialized from its own seed, so every rank (and the single-process
-reference) builds bit-identical weights for the part it holds.
+Presets build them from a spec with random weights, each module from its own seed, so every
+rank (and the single-process reference) builds bit-identical weights for the part it holds.
+A Hugging Face model folder gives the same wrappers the checkpoint's own modules
+(runtime/hf_load.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from entrain.data.sequence import IGNORE
 from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
 
 MODULE_SEED = {"vision": 1, "audio": 2, "llm": 3}
@@ -33,11 +38,19 @@ def _seeded(seed: int, offset: int):
 
 
 class VisionTower(nn.Module):
-    """Qwen2-VL ViT; `forward` returns per-unit LLM-width embeddings, `trunk` the patch states
-    before the merger (what a frozen encoder sends to the LLM side)."""
+    """A Qwen2-VL-style ViT; `forward` returns per-unit LLM-width embeddings, `trunk` the
+    patch states before the merger (what a frozen encoder sends to the LLM side).
 
-    def __init__(self, spec: VisionSpec, llm_hidden: int):
+    `window` (Qwen2.5-VL): the ViT runs its patches reordered into attention windows, whole
+    merge groups at a time, and un-permutes only the merger's output; `trunk` un-permutes the
+    groups itself, so the LLM-side merger of a frozen encoder sees them in image order."""
+
+    def __init__(self, vit: nn.Module, window: bool = False):
         super().__init__()
+        self.vit, self.window = vit, window
+
+    @classmethod
+    def from_spec(cls, spec: VisionSpec, llm_hidden: int) -> VisionTower:
         if spec.resize != "dynamic" or spec.cls_token:
             raise ValueError(
                 f"the runtime builds Qwen2-VL-style vision encoders (dynamic resolution, no CLS); "
@@ -60,14 +73,25 @@ class VisionTower(nn.Module):
             in_channels=spec.num_channels,
         )
         cfg._attn_implementation = "sdpa"
-        self.vit = Qwen2VisionTransformerPretrainedModel._from_config(cfg)
+        return cls(Qwen2VisionTransformerPretrainedModel._from_config(cfg))
 
     @property
     def projector(self) -> nn.Module:
         return self.vit.merger
 
     def trunk(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        return self.vit(patches, grid_thw=grid_thw).last_hidden_state  # (patches, embed)
+        states = self.vit(patches, grid_thw=grid_thw).last_hidden_state  # (patches, embed)
+        if not self.window:
+            return states
+        from transformers.vision_utils import get_vision_window_index
+
+        cfg = self.vit.config
+        order, _ = get_vision_window_index(
+            grid_thw, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size
+        )
+        group = cfg.spatial_merge_size**2
+        undo = torch.argsort(order.to(states.device))
+        return states.view(-1, group, states.shape[-1])[undo].reshape(states.shape)
 
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         return self.vit(patches, grid_thw=grid_thw).pooler_output  # (patches / merge^2, llm)
@@ -96,19 +120,24 @@ class AudioProjector(nn.Module):
 
 
 class AudioTower(nn.Module):
-    """Whisper encoder over fixed-length chunks; each chunk keeps its valid positions."""
+    """A Whisper encoder over fixed-length chunks; each chunk keeps its valid positions, then
+    the projector pools and maps them to the LLM's width."""
 
-    def __init__(self, spec: AudioSpec, llm_hidden: int):
+    def __init__(self, encoder: nn.Module, projector: nn.Module, positions: int):
         super().__init__()
+        self.encoder, self.projector, self.positions = encoder, projector, positions
+
+    @classmethod
+    def from_spec(cls, spec: AudioSpec, llm_hidden: int) -> AudioTower:
         t = spec.encoder
-        self.positions = int(round(spec.chunk_seconds * spec.frames_per_second))
+        positions = int(round(spec.chunk_seconds * spec.frames_per_second))
         cfg = WhisperConfig(
             d_model=t.hidden_size,
             encoder_layers=t.num_hidden_layers,
             encoder_attention_heads=t.num_attention_heads,
             encoder_ffn_dim=t.intermediate_size,
             num_mel_bins=spec.n_mels,
-            max_source_positions=self.positions,
+            max_source_positions=positions,
             decoder_layers=1,
             decoder_attention_heads=t.num_attention_heads,
             decoder_ffn_dim=t.intermediate_size,
@@ -118,10 +147,10 @@ class AudioTower(nn.Module):
             encoder_layerdrop=0.0,
         )
         cfg._attn_implementation = "sdpa"
-        self.encoder = WhisperEncoder(cfg)
-        self.projector = AudioProjector(
+        projector = AudioProjector(
             t.hidden_size, spec.downsample, spec.projector_hidden, llm_hidden
         )
+        return cls(WhisperEncoder(cfg), projector, positions)
 
     def trunk(self, mels: torch.Tensor, valid: list[int]) -> list[torch.Tensor]:
         states = self.encoder(mels).last_hidden_state  # (chunks, positions, hidden)
@@ -140,18 +169,23 @@ def build_encoder(spec: ModelSpec, name: str, seed: int) -> nn.Module:
     state = _seeded(seed, offset)
     try:
         tower = (
-            VisionTower(enc, spec.llm.hidden_size)
+            VisionTower.from_spec(enc, spec.llm.hidden_size)
             if isinstance(enc, VisionSpec)
-            else AudioTower(enc, spec.llm.hidden_size)
+            else AudioTower.from_spec(enc, spec.llm.hidden_size)
         )
     finally:
         torch.random.set_rng_state(state)
-    if enc.frozen:
+    freeze(tower, enc.frozen)
+    return tower
+
+
+def freeze(tower: nn.Module, frozen: bool) -> None:
+    """A frozen encoder runs forward only; its projector still trains."""
+    if frozen:
         for p in tower.parameters():
             p.requires_grad_(False)
-        for p in tower.projector.parameters():  # the projector of a frozen encoder still trains
+        for p in tower.projector.parameters():
             p.requires_grad_(True)
-    return tower
 
 
 def build_llm(spec: ModelSpec, seed: int) -> Qwen2ForCausalLM:
@@ -192,44 +226,76 @@ def stage_layers(num_layers: int, stages: int) -> list[range]:
 
 
 class LLMStage(nn.Module):
-    """One pipeline stage of the LLM. Stage 0 embeds text; the last stage applies the final
-    norm and LM head and returns the summed next-token loss over a sample's text."""
+    """One pipeline stage of a decoder LLM, built from a transformers text model (its
+    `embed_tokens`, `layers`, `norm`, `rotary_emb`) and LM head. Stage 0 embeds a sample's
+    tokens and puts its items' embeddings where their placeholders stand; the last stage
+    applies the final norm and the head and returns the summed next-token loss."""
 
-    def __init__(self, model: Qwen2ForCausalLM, stage: int, stages: int):
+    def __init__(self, text_model: nn.Module, head: nn.Module, stage: int, stages: int):
         super().__init__()
         self.first, self.last = stage == 0, stage == stages - 1
-        self.config = model.config
-        layers = stage_layers(model.config.num_hidden_layers, stages)[stage]
-        self.layers = nn.ModuleList(model.model.layers[i] for i in layers)
-        self.rotary = model.model.rotary_emb
-        self.embed = model.model.embed_tokens if self.first else None
-        self.norm = model.model.norm if self.last else None
-        self.head = model.lm_head if self.last else None
+        self.config = text_model.config
+        layers = stage_layers(self.config.num_hidden_layers, stages)[stage]
+        self.layers = nn.ModuleList(text_model.layers[i] for i in layers)
+        types = getattr(self.config, "layer_types", None) or ["full_attention"] * len(
+            text_model.layers
+        )
+        self.layer_types = [types[i] for i in layers]
+        self.rotary = text_model.rotary_emb
+        self.embed = text_model.embed_tokens if self.first else None
+        self.norm = text_model.norm if self.last else None
+        self.head = head if self.last else None
 
-    def embed_sample(self, prefix: list[torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        """(1, L, H): modality embeddings in order, then the text's token embeddings."""
-        parts = [p for p in prefix] + [self.embed(text)]
+    def embed_sample(
+        self, ids: torch.Tensor, spans: Sequence, items: Sequence[list[torch.Tensor]]
+    ) -> torch.Tensor:
+        """(1, L, H): the token embeddings of `ids` (L,), with the rows of each span replaced
+        by its item's embeddings (`items[k]`: the item's units, in order)."""
+        tokens = self.embed(ids)  # (L, H)
+        parts, row = [], 0
+        for span, units in zip(spans, items):
+            parts.append(tokens[row : span.start])
+            parts.extend(units)
+            row = span.start + span.rows
+            got = sum(int(u.shape[0]) for u in units)
+            if got != span.rows:
+                raise RuntimeError(
+                    f"a {span.modality} item takes {span.rows} rows of its sample but its "
+                    f"encoder produced {got}"
+                )
+        parts.append(tokens[row:])
         return torch.cat(parts, dim=0).unsqueeze(0)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=None,
-            cache=None,
-            position_ids=pos,
-        )
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`positions`: (1, L), or (3, L) for M-RoPE."""
+        pos = positions.to(hidden.device).unsqueeze(-2)  # (k, 1, L)
+        if pos.shape[0] == 1:
+            pos = pos[0]  # (1, L): 1-D rotary takes (batch, L)
+        masks = {}
+        for kind in set(self.layer_types):
+            make = (
+                create_causal_mask
+                if kind == "full_attention"
+                else create_sliding_window_causal_mask
+            )
+            masks[kind] = make(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=None,
+                cache=None,
+                position_ids=None,
+            )
         pe = self.rotary(hidden, pos)
-        for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=pe)
+        for layer, kind in zip(self.layers, self.layer_types):
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=pe)
         return hidden
 
-    def loss(self, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of predicting each text token from the one before it."""
-        n_text = text.shape[0]
-        if n_text < 2:
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of each position's prediction of the next label, over the
+        labels that are not IGNORE (the head runs on those positions only)."""
+        keep = (labels[1:] != IGNORE).nonzero().squeeze(1)
+        if keep.numel() == 0:
             return hidden.sum() * 0.0
-        states = self.norm(hidden[0, -n_text:-1])
+        states = self.norm(hidden[0, keep])
         logits = self.head(states).float()
-        return nn.functional.cross_entropy(logits, text[1:], reduction="sum")
+        return nn.functional.cross_entropy(logits, labels[1:][keep], reduction="sum")

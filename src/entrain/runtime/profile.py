@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +31,13 @@ from entrain.cost.fit import fit_coeffs
 from entrain.cost.flops import analytic_cost_model
 from entrain.cost.profile import P2PFit, Profile
 from entrain.cost.tokens import smart_resize
+from entrain.data.sequence import IGNORE, Span
 from entrain.models.spec import ModelSpec, VisionSpec
 from entrain.runtime.device import Placement, name_of, place, sync
-from entrain.runtime.modules import LLMStage, build_encoder, build_llm
+from entrain.runtime.modules import LLMStage
 from entrain.runtime.reference import optimizer
+from entrain.runtime.setup import SampleInputs
+from entrain.runtime.source import PresetSource, model_source
 from entrain.workload.columnar import Workload
 
 P2P_BYTES = (4 * 256, 4 * 16_384, 4 * 131_072, 4 * 524_288, 4 * 1_048_576)
@@ -109,14 +113,22 @@ class _Inputs:
         valid = [min(positions, int(x) * enc.downsample) for x in u.llm_tokens[units]]
         return mels.to(self.device), valid
 
-    def llm_sample(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(modality embeddings, text ids) of sample s."""
+    def llm_sample(self, s: int) -> tuple[torch.Tensor, SampleInputs]:
+        """(modality embeddings, tokens) of sample s: its items' rows in front of its text."""
         text = int(self.batch.text_tokens[s])
         extra = int(self.batch.llm_tokens[s]) - text
         h = self.spec.llm.hidden_size
         emb = torch.randn(extra, h, generator=self.gen).to(self.device)
-        ids = torch.randint(0, self.spec.llm.vocab_size, (text,), generator=self.gen)
-        return emb.requires_grad_(bool(self.spec.encoders)), ids.to(self.device)
+        ids = torch.randint(0, self.spec.llm.vocab_size, (extra + text,), generator=self.gen)
+        labels = ids.clone()
+        labels[:extra] = IGNORE
+        inp = SampleInputs(
+            ids.to(self.device),
+            labels.to(self.device),
+            torch.arange(extra + text, device=self.device)[None],
+            (Span("image", 0, 0, extra),) if extra else (),
+        )
+        return emb.requires_grad_(bool(self.spec.encoders)), inp
 
 
 def _units_of(u, draws: list[np.ndarray]):
@@ -167,11 +179,12 @@ def _time_llm(
 ) -> tuple[list[Run], list[Run]]:
     """The whole LLM as one stage, sample by sample as LLMWorker runs it."""
 
-    def forward(data: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(data: list[tuple[torch.Tensor, SampleInputs]]) -> torch.Tensor:
         loss = None
-        for emb, ids in data:
-            h = stage(stage.embed_sample([emb], ids))
-            lo = stage.loss(h, ids) / 1000.0
+        for emb, inp in data:
+            h = stage.embed_sample(inp.ids, inp.spans, [[emb]] if inp.spans else [])
+            h = stage(h, inp.positions)
+            lo = stage.loss(h, inp.labels) / 1000.0
             loss = lo if loss is None else loss + lo
         return loss
 
@@ -227,8 +240,13 @@ def measure(
             on_run()
         return res
 
+    # the run's real modules with random weights: values do not change the time of dense math
+    if Path(cfg.model).is_dir():
+        source = model_source(cfg.model, cfg.seed, init_from=None, frozen=_frozen(spec))
+    else:
+        source = PresetSource(spec, cfg.seed)
     for enc in spec.encoders:
-        tower = build_encoder(spec, enc.name, cfg.seed).to(device)
+        tower, named = source.encoder(enc.name, device)
         f, b = timed(_time_encoder, tower, enc, inputs, not enc.frozen, draws)
         out["modules"][enc.name] = {"forward": f, **({"backward": b} if b else {})}
         if enc.frozen:
@@ -236,14 +254,17 @@ def measure(
             out["llm_projectors"][enc.name] = {"forward": f, "backward": b}
             out["step"][enc.name] = 0.0
         else:
-            out["step"][enc.name] = _time_step(list(tower.parameters()))
-    llm = build_llm(spec, cfg.seed).to(device)
-    stage = LLMStage(llm, 0, 1)
+            out["step"][enc.name] = _time_step(list(named.values()))
+    stage, named = source.llm_stage(0, 1, device)
     f, b = timed(_time_llm, stage, inputs, draws)
     out["modules"]["llm"] = {"forward": f, "backward": b}
-    out["step"]["llm"] = _time_step(list(llm.parameters()))
+    out["step"]["llm"] = _time_step(list(named.values()))
     out["flops"] = _achieved_flops(spec, out)
     return out
+
+
+def _frozen(spec: ModelSpec) -> tuple[str, ...]:
+    return tuple(e.name for e in spec.encoders if e.frozen) + (("llm",) if spec.llm_frozen else ())
 
 
 def _achieved_flops(spec: ModelSpec, measured: dict) -> tuple[float, float]:

@@ -8,13 +8,20 @@ import dataclasses
 
 import torch
 
-from entrain.runtime.modules import LLMStage, build_encoder, build_llm
-from entrain.runtime.setup import Dataset, TrainConfig, encode_units, make_step, spec_of
+from entrain.runtime.engine import span_items
+from entrain.runtime.setup import (
+    Dataset,
+    TrainConfig,
+    encode_units,
+    make_step,
+    open_dataset,
+    source_of,
+)
 
 
 def loss_tokens(data: Dataset, indices) -> int:
     """Next-token targets of a global batch: the normalizer of its loss."""
-    return max(1, sum(max(len(data.text(int(i))) - 1, 0) for i in indices))
+    return max(1, sum(data.tokens(int(i)).targets for i in indices))
 
 
 def optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -22,17 +29,29 @@ def optimizer(params, lr: float) -> torch.optim.Optimizer:
 
 
 def reference_params(
-    cfg: TrainConfig, steps: int | None = None, grads: dict[str, torch.Tensor] | None = None
+    cfg: TrainConfig,
+    steps: int | None = None,
+    grads: dict[str, torch.Tensor] | None = None,
+    losses: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Named parameters after `steps` optimizer steps (default cfg.steps); `grads`, when
-    given, receives for each weight its smallest nonzero gradient over the steps."""
-    spec = spec_of(cfg)
-    data = Dataset(cfg.data, spec)
-    towers = {e.name: build_encoder(spec, e.name, cfg.seed) for e in spec.encoders}
-    llm = build_llm(spec, cfg.seed)
-    stage = LLMStage(llm, 0, 1)
-    named = {f"{e}.{n}": p for e, t in towers.items() for n, p in t.named_parameters()}
-    named.update({f"llm.{n}": p for n, p in llm.named_parameters()})
+    given, receives for each weight its smallest nonzero gradient over the steps, and
+    `losses` each step's loss."""
+    source = source_of(cfg)
+    spec = source.spec
+    data = open_dataset(cfg, source)
+    cpu = torch.device("cpu")
+    towers, named = {}, {}
+    for e in spec.encoders:
+        towers[e.name], part = source.encoder(e.name, cpu)
+        named.update(part)
+    projectors = {}
+    for e in spec.encoders:
+        if e.frozen:
+            projectors[e.name], part = source.llm_projector(e.name, cpu)
+            named.update(part)
+    stage, part = source.llm_stage(0, 1, cpu)
+    named.update(part)
     opt = optimizer([p for p in named.values() if p.requires_grad], cfg.lr)
     one = dataclasses.replace(
         cfg, policy="sequential", dp=1, microbatches=1, lookahead=None, pool=None
@@ -47,15 +66,17 @@ def reference_params(
                 continue
             out = encode_units(towers[enc.name], enc, data, st, units, trains=not enc.frozen)
             if enc.frozen:
-                out = [towers[enc.name].projector(x) for x in out]
+                out = [projectors[enc.name](x) for x in out]
             embs[enc.name] = out
         total = None
         for s in range(st.batch.n_samples):
-            prefix = [embs[e][u] for e, u in st.plan.prefix[s]]
-            text = data.text(int(st.indices[s]))
-            h = stage(stage.embed_sample(prefix, text))
-            lo = stage.loss(h, text) / norm
+            inp = data.inputs(int(st.indices[s]))
+            items = span_items(st.plan, s, inp.spans, lambda e, u, embs=embs: embs[e][u])
+            h = stage(stage.embed_sample(inp.ids, inp.spans, items), inp.positions)
+            lo = stage.loss(h, inp.labels) / norm
             total = lo if total is None else total + lo
+        if losses is not None:
+            losses.append(float(total.detach()))
         total.backward()
         if grads is not None:  # per weight, its smallest nonzero gradient over the steps
             for n, p in named.items():

@@ -14,7 +14,9 @@ from torch import nn
 from entrain.cost.batch import CostedBatch, cost_batch
 from entrain.cost.flops import CostModel
 from entrain.cost.profile import Profile, load_profile
-from entrain.models.load import load_spec
+from entrain.data.codec import TextCodec
+from entrain.data.sequence import LayoutError, SampleTokens, build_tokens, workload_items
+from entrain.models.load import run_spec
 from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
 from entrain.runtime.device import check_device
 from entrain.runtime.inputs import (
@@ -26,7 +28,7 @@ from entrain.runtime.inputs import (
     read_wav,
 )
 from entrain.runtime.iteration import IterationPlan
-from entrain.runtime.tokenizer import ByteTokenizer
+from entrain.runtime.source import HFSource, PresetSource, model_source
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
@@ -41,7 +43,16 @@ class TrainConfig:
     data: str
     """Training manifest (sizes, text and files of every sample)."""
     model: str = "tiny"
-    """Model preset or spec file."""
+    """Model preset, spec file, or a Hugging Face model folder (config.json + safetensors)."""
+    init_from: str | None = "same"
+    """Weights of a model folder: "same" (the --model folder), another folder, or None
+    (random weights from --seed; for tests and small models)."""
+    audio_from: str | None = None
+    """A Whisper model folder whose encoder becomes the audio encoder (a new projector)."""
+    freeze: tuple[str, ...] = ()
+    """Modules that do not train (vision, audio, llm); a frozen encoder's projector trains."""
+    tokenizer: str | None = None
+    """Tokenizer folder (default: the model folder's own; presets use the byte tokenizer)."""
     policy: str = "entrain"
     """Assignment policy."""
     steps: int = 10
@@ -105,6 +116,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if isinstance(self.freeze, str):
+            self.freeze = tuple(x for x in self.freeze.split(",") if x)
+        self.freeze = tuple(self.freeze)
+        if self.init_from in ("none", ""):
+            self.init_from = None
         if self.validate not in ("full", "headers", "off"):
             raise ValueError(f"--validate must be full, headers or off, got {self.validate!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -127,14 +143,17 @@ class TrainConfig:
 
 
 class Dataset:
-    """Records and their columnar sizes; text ids and unit inputs on demand, cached.
-    `drop` leaves samples out by their manifest index (bad samples under --skip-bad);
-    `parsed` is the manifest's (records, workload) when the caller has read it already."""
+    """Records, their columnar sizes and their token sequences (built once, checked against
+    the manifest's `text_tokens`); unit inputs on demand, cached. `drop` leaves samples out
+    by their manifest index (bad samples under --skip-bad); `parsed` is the manifest's
+    (records, workload) when the caller has read it already."""
 
     def __init__(
         self,
         path: str | Path,
         spec: ModelSpec,
+        codec: TextCodec,
+        rope: str = "1d",
         drop: Collection[int] = (),
         parsed: tuple[list[Record], Workload] | None = None,
     ):
@@ -144,18 +163,21 @@ class Dataset:
             keep = np.setdiff1d(np.arange(len(self.records)), np.fromiter(drop, np.int64))
             self.records = [self.records[int(i)] for i in keep]
             self.workload = self.workload.take(keep)
-        self.tokenizer = ByteTokenizer(spec.llm.vocab_size)
+        self.codec = codec
         self._cache: dict[tuple, object] = {}
-        self._text = [
-            torch.tensor(self.tokenizer.encode(r.text), dtype=torch.long) for r in self.records
-        ]
-        for rec, ids, declared in zip(self.records, self._text, self.workload.text_tokens.tolist()):
-            n = len(ids)
-            if n != declared:
+        items = workload_items(self.workload, spec)
+        self._tokens: list[SampleTokens] = []
+        for rec, its, declared in zip(self.records, items, self.workload.text_tokens.tolist()):
+            try:
+                tokens = build_tokens(rec.id, rec.text, its, codec, rope)
+            except LayoutError as e:
+                raise SampleError(f"{path}:{rec.line}: {e}") from None
+            if tokens.text_tokens != declared:
                 raise SampleError(
                     f"{path}:{rec.line}: sample {rec.id!r} declares text_tokens={declared} "
-                    f"but its text has {n} tokens"
+                    f"but its text has {tokens.text_tokens} tokens under {codec.name}"
                 )
+            self._tokens.append(tokens)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -164,8 +186,17 @@ class Dataset:
         """Sample indices of a step: epochs of a seeded permutation, whole batches only."""
         return batch_indices(len(self), step, global_batch, seed, shuffle)
 
-    def text(self, index: int) -> torch.Tensor:
-        return self._text[index]
+    def tokens(self, index: int) -> SampleTokens:
+        return self._tokens[index]
+
+    def inputs(self, index: int, device: torch.device | str = "cpu") -> SampleInputs:
+        t = self._tokens[index]
+        return SampleInputs(
+            torch.from_numpy(t.input_ids).to(device),
+            torch.from_numpy(t.labels).to(device),
+            torch.from_numpy(t.positions).to(device),
+            t.spans,
+        )
 
     def image(self, index: int, item: int, enc: VisionSpec):
         key = ("image", index, item)
@@ -182,6 +213,19 @@ class Dataset:
             self._cache[key] = log_mel(read_wav(rec.audio[item], rec.id), enc)
         mels, valid = self._cache[key]
         return mels[chunk], valid[chunk]
+
+
+@dataclass
+class SampleInputs:
+    """What the LLM stages need of one sample, as tensors on their device."""
+
+    ids: torch.Tensor
+    """(L,) token ids, pads where items stand."""
+    labels: torch.Tensor
+    """(L,) next-token targets, IGNORE where there is no loss."""
+    positions: torch.Tensor
+    """(1, L) or (3, L) rotary positions."""
+    spans: tuple
 
 
 def item_locator(workload: Workload):
@@ -259,8 +303,19 @@ def encode_units(
     return tower(mels, valid) if trains else tower.trunk(mels, valid)
 
 
+def source_of(cfg: TrainConfig) -> PresetSource | HFSource:
+    """Where the run's modules and tokenizer come from (runtime/source.py)."""
+    return model_source(
+        cfg.model, cfg.seed, cfg.init_from, cfg.audio_from, cfg.freeze, cfg.tokenizer
+    )
+
+
 def spec_of(cfg: TrainConfig) -> ModelSpec:
-    return load_spec(cfg.model)
+    return run_spec(cfg.model, cfg.audio_from, cfg.freeze)
+
+
+def open_dataset(cfg: TrainConfig, source, drop: Collection[int] = (), parsed=None) -> Dataset:
+    return Dataset(cfg.data, source.spec, source.codec(), source.rope, drop, parsed)
 
 
 def profile_of(cfg: TrainConfig, spec: ModelSpec) -> Profile | None:

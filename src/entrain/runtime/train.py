@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
@@ -30,17 +31,16 @@ from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
 from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.inputs import load_records
-from entrain.runtime.modules import LLMStage, build_encoder, build_llm
 from entrain.runtime.reference import loss_tokens, optimizer
 from entrain.runtime.setup import (
-    Dataset,
     Step,
     TrainConfig,
     encode_units,
     make_step,
+    open_dataset,
     profile_of,
     resolve_lookahead,
-    spec_of,
+    source_of,
 )
 from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule import replica_pool
@@ -84,7 +84,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int, world: int, placement: Placement):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.placement, self.device = placement, placement.device
-        self.spec = spec_of(cfg)
+        self.source = source_of(cfg)
+        self.spec = self.source.spec
         encoders = [e.name for e in self.spec.encoders]
         per_replica, rest = divmod(world, cfg.dp)
         pp = cfg.pp or per_replica - len(encoders)
@@ -100,8 +101,9 @@ class Trainer:
         self.role = self.roles[rank]
         self.trains = {e.name: not e.frozen for e in self.spec.encoders}
         parsed = (load_records(cfg.data), read_manifest(cfg.data))  # once, for both uses
+        self.data_codec = self.source.codec()
         self.skipped = self._check_samples(*parsed)
-        self.data = Dataset(cfg.data, self.spec, [b.index for b in self.skipped], parsed)
+        self.data = open_dataset(cfg, self.source, [b.index for b in self.skipped], parsed)
         profile = profile_of(cfg, self.spec)
         self.cost_model = profile.cost_model() if profile else None
         self.cfg = cfg = dataclasses.replace(
@@ -118,17 +120,15 @@ class Trainer:
         trainable = [p for p in self.named.values() if p.requires_grad]
         self.opt = optimizer(trainable, cfg.lr) if trainable else None
         self.groups = self._dp_groups()
+        self.tied, self.tie_group = self._tie_group()
 
     def _build(self) -> None:
-        spec, cfg, role, trains, device = self.spec, self.cfg, self.role, self.trains, self.device
+        """This rank's modules, and only them (a model folder's other tensors are never
+        read), on its device."""
+        source, role, trains, device = self.source, self.role, self.trains, self.device
         if role.module != "llm":
-            enc = next(e for e in spec.encoders if e.name == role.module)
-            tower = build_encoder(spec, enc.name, cfg.seed).to(device)
-            self.named = {
-                f"{enc.name}.{n}": p
-                for n, p in tower.named_parameters()
-                if not (enc.frozen and n.startswith(_projector_prefix(tower)))
-            }
+            enc = next(e for e in self.spec.encoders if e.name == role.module)
+            tower, self.named = source.encoder(enc.name, device)
             self.worker = EncoderWorker(
                 role,
                 trains[enc.name],
@@ -137,28 +137,17 @@ class Trainer:
                 ),
             )
             return
-        llm = build_llm(spec, cfg.seed)
-        stage = LLMStage(llm, role.stage, self.plan.llm_pp).to(device)
-        kept = {id(p) for p in stage.parameters()}
-        self.named = {f"llm.{n}": p for n, p in llm.named_parameters() if id(p) in kept}
+        stage, self.named = source.llm_stage(role.stage, self.plan.llm_pp, device)
         projectors = {}
         if role.stage == 0:  # frozen encoders' projectors train on the LLM side
-            for e in spec.encoders:
+            for e in self.spec.encoders:
                 if e.frozen:
-                    tower = build_encoder(spec, e.name, cfg.seed)
-                    projectors[e.name] = tower.projector.to(device)
-                    prefix = _projector_prefix(tower)
-                    self.named.update(
-                        {
-                            f"{e.name}.{n}": p
-                            for n, p in tower.named_parameters()
-                            if n.startswith(prefix)
-                        }
-                    )
+                    projectors[e.name], part = source.llm_projector(e.name, device)
+                    self.named.update(part)
         self.worker = LLMWorker(
             role,
             stage,
-            lambda i: self.data.text(int(self.current.indices[i])).to(device),
+            lambda i: self.data.inputs(int(self.current.indices[i]), device),
             projectors,
             trains,
         )
@@ -177,6 +166,20 @@ class Trainer:
             if self.role.name == module:
                 mine = g
         return mine
+
+    def _tie_group(self) -> tuple[nn.Parameter | None, dist.ProcessGroup | None]:
+        """When the LM head shares the token embedding and they sit on different stages, the
+        first and last stages of every replica each hold a copy: their gradients are summed
+        in one group (Megatron's embedding group), so both copies take the same step. Every
+        rank creates the group, as torch.distributed requires."""
+        key, P = self.source.tied_key, self.plan.llm_pp
+        if key is None or P == 1:
+            return None, None
+        ranks = [i for i, r in enumerate(self.roles) if r.module == "llm" and r.stage in (0, P - 1)]
+        group = dist.new_group(ranks)
+        if self.rank not in ranks:
+            return None, None
+        return self.named[key], group
 
     def prepare(self, step: int) -> Prepared:
         """What a step computes without communicating: its batch, assignment, plan and this
@@ -243,20 +246,24 @@ class Trainer:
         }
 
     def _all_reduce_grads(self) -> None:
-        if self.groups is None:
-            return
+        """Sum gradients over the replicas of this rank's module, and a tied embedding's over
+        its group (which holds every replica's copies: it is not summed twice)."""
         for p in self.named.values():
-            if not p.requires_grad:
+            group = self.tie_group if p is self.tied else self.groups
+            if not p.requires_grad or group is None:
                 continue
-            if p.grad is None:
+            if p.grad is None:  # every member takes part in the sum
                 p.grad = torch.zeros_like(p)
-            wire = self.placement.wire
-            if p.grad.device == wire:
-                dist.all_reduce(p.grad, group=self.groups)
-            else:  # ranks share a GPU: through host memory over gloo
-                g = p.grad.to(wire)
-                dist.all_reduce(g, group=self.groups)
-                p.grad.copy_(g)
+            self._all_reduce(p.grad, group)
+
+    def _all_reduce(self, grad: torch.Tensor, group) -> None:
+        wire = self.placement.wire
+        if grad.device == wire:
+            dist.all_reduce(grad, group=group)
+        else:  # ranks share a GPU: through host memory over gloo
+            g = grad.to(wire)
+            dist.all_reduce(g, group=group)
+            grad.copy_(g)
 
     def _check_samples(self, records: list, workload) -> list:
         """Rank 0 checks every sample against its files (all decoded once); every rank gets
@@ -276,6 +283,7 @@ class Trainer:
                 cfg.max_sample_tokens,
                 workers=min(8, os.cpu_count() or 1),
                 decode=cfg.validate == "full",
+                codec=self.data_codec,
             )
             verdict = [bad]
         dist.broadcast_object_list(verdict, src=0)
@@ -341,13 +349,6 @@ class Trainer:
                 {n: p.detach().cpu().clone() for n, p in self.named.items()},
                 out / f"params-{self.role.name}.pt",
             )
-
-
-def _projector_prefix(tower) -> str:
-    for name, module in tower.named_modules():
-        if module is tower.projector:
-            return name + "."
-    raise AssertionError("tower without a projector")
 
 
 def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> None:

@@ -26,9 +26,10 @@ import numpy as np
 from PIL import Image
 
 from entrain.cost.batch import cost_batch
+from entrain.data.codec import ByteTokenizer, TextCodec
+from entrain.data.sequence import LayoutError, build_tokens, workload_items
 from entrain.models.spec import AudioSpec, ModelSpec
 from entrain.runtime.inputs import SAMPLE_RATE, Record, SampleError, read_wav
-from entrain.runtime.tokenizer import ByteTokenizer
 from entrain.workload.columnar import ItemTable, Workload
 
 DURATION_TOLERANCE = 0.01
@@ -87,6 +88,7 @@ def validate_samples(
     on_progress: Callable[[int], None] | None = None,
     workers: int = 1,
     decode: bool = True,
+    codec: TextCodec | None = None,
 ) -> list[BadSample]:
     """Every sample whose files or sizes would fail in training, in manifest order.
 
@@ -99,7 +101,8 @@ def validate_samples(
       lasts the manifest's seconds within `DURATION_TOLERANCE`, with the same encoder
       positions per chunk as the manifest's seconds give (else the LLM sequence would not
       have the length the step was planned with);
-    - the text has the manifest's `text_tokens` under the runtime's tokenizer;
+    - the text marks its items consistently and has the manifest's `text_tokens` under the
+      run's tokenizer (`codec`; default the byte tokenizer), placeholders expanded;
     - the model has an encoder for every modality the sample holds;
     - with `max_sample_tokens`, the sample's LLM tokens (text + modality tokens, as
       `cost_batch` counts them) do not exceed it.
@@ -119,9 +122,21 @@ def validate_samples(
     n = len(records)
     early: list[list[tuple[str, str]]] = [[] for _ in range(n)]  # problems not about files
 
-    tok = ByteTokenizer(spec.llm.vocab_size)
-    for s, (rec, declared) in enumerate(zip(records, workload.text_tokens.tolist())):
-        have = len(tok.encode(rec.text))
+    codec = codec or ByteTokenizer(spec.llm.vocab_size)
+    known = Workload(
+        workload.ids,
+        workload.text_tokens,
+        {m: t if spec.encoder_for(m) else ItemTable.empty(m) for m, t in workload.items.items()},
+        workload.line,
+    )
+    for s, (rec, its, declared) in enumerate(
+        zip(records, workload_items(known, spec), workload.text_tokens.tolist())
+    ):
+        try:
+            have = build_tokens(rec.id, rec.text, its, codec).text_tokens
+        except LayoutError as e:
+            early[s].append((TEXT_TOKENS, str(e).split(": ", 1)[-1]))
+            continue
         if have != declared:
             early[s].append(
                 (TEXT_TOKENS, f"declares text_tokens={declared} but its text has {have} tokens")

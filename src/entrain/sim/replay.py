@@ -19,7 +19,7 @@ import numpy as np
 
 from entrain.cost.batch import cost_batch
 from entrain.cost.profile import Profile, load_profile
-from entrain.models.load import load_spec
+from entrain.models.load import run_spec
 from entrain.schedule import assign
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.simulator import SimResult, simulate
@@ -102,7 +102,7 @@ class RunReplayer:
         run_dir = Path(run_dir)
         self.cfg, self.rows = _run_files(run_dir)
         cfg = self.cfg
-        self.spec = load_spec(cfg["model"])
+        self.spec = run_spec(cfg["model"], cfg.get("audio_from"), cfg.get("freeze") or ())
         if profile is None:
             if not cfg.get("profile"):
                 raise ValueError(

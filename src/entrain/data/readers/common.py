@@ -17,6 +17,8 @@ import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from entrain.data.codec import load_tokenizer
+
 ESTIMATE = "estimate"
 BYTES = "bytes"
 MAX_EXAMPLES = 20  # skipped records whose reasons the summary keeps (the count is exact)
@@ -243,7 +245,7 @@ class TokenCounter:
         elif tokenizer == BYTES:
             self.name = BYTES
         else:
-            self._tok = _load_tokenizer(tokenizer)
+            self._tok = load_tokenizer(tokenizer)
             self.name = f"hf:{tokenizer}"
 
     def count(self, text: str) -> int:
@@ -251,27 +253,6 @@ class TokenCounter:
             return len(self._tok(text, add_special_tokens=False)["input_ids"])
         n = len(text.encode("utf-8"))
         return n if self.name == BYTES else math.ceil(n / 4)
-
-
-def _load_tokenizer(folder: str):
-    if not Path(folder).is_dir():
-        raise ValueError(
-            f"tokenizer folder '{folder}' not found (give a local folder with tokenizer files, "
-            "'bytes', or no tokenizer for the estimate)"
-        )
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ValueError(
-            "a tokenizer folder needs transformers: pip install entrain[train]"
-        ) from None
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot load a tokenizer from '{folder}': {e}") from None
-    # counting only: no "sequence longer than the model's maximum" warnings
-    tok.model_max_length = 2**62
-    return tok
 
 
 # ------------------------------------------------------------------------------ summary
