@@ -230,3 +230,19 @@ def test_whisper_audio_from_another_folder_trains_and_exports(vl, tmp_path):
     )
     proj = load_file(tmp_path / "hf" / "audio_projector.safetensors")
     assert torch.equal(proj["mlp.0.weight"], trained["audio.projector.mlp.0.weight"])
+
+
+def test_resume_of_a_model_folder_run_is_exact(vl, data, tmp_path):
+    """Checkpoints of a folder run hold its tensors by their checkpoint names; stopping
+    after step 1 and resuming ends step 2 with the parameters of an uninterrupted run."""
+    flags = ["--model", str(vl), "--pp", "2", "--global-batch", "8", "--microbatches", "2"]
+    flags += ["--lr", "1e-2"]
+    train(data, tmp_path / "straight", 3, *flags, "--steps", "2")
+    ckpt = tmp_path / "ckpt"
+    train(data, tmp_path / "a", 3, *flags, "--steps", "1", "--checkpoint-every", "1",
+          "--checkpoint-dir", str(ckpt))  # fmt: skip
+    train(data, tmp_path / "b", 3, *flags, "--steps", "2", "--resume", str(ckpt))
+    for f in (tmp_path / "straight").glob("params-*.pt"):
+        want, got = torch.load(f), torch.load(tmp_path / "b" / f.name)
+        assert set(want) == set(got)
+        assert all(torch.equal(want[k], got[k]) for k in want), f.name

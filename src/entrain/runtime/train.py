@@ -426,7 +426,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
             "plan": trainer.plan.to_dict(),
             "world": world,
         }
-        for key in ("data", "profile", "model"):  # replayable from any directory
+        # paths absolute: replay and export work from any directory
+        for key in ("data", "profile", "model", "init_from", "audio_from", "tokenizer"):
             if run_info[key] and os.path.exists(run_info[key]):
                 run_info[key] = os.path.abspath(run_info[key])
         (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
