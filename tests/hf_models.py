@@ -30,6 +30,24 @@ SPECIAL = [
 ]
 
 
+# A chat template in the manner of Qwen2-VL's (ChatML turns, a default system turn, images
+# and videos as vision-start / pad / vision-end), written here for the tests.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def make_tokenizer(folder: Path) -> dict[str, int]:
     """A byte-level BPE tokenizer trained on CORPUS with Qwen2-VL's special tokens, saved to
     `folder`; returns the special tokens' ids."""
@@ -47,6 +65,7 @@ def make_tokenizer(folder: Path) -> dict[str, int]:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
     return {t: tok.token_to_id(t) for t in SPECIAL}
 

@@ -36,8 +36,11 @@ def vl(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(vl, tmp_path_factory) -> Path:
+    """Conversations (a user turn with the images, the caption as the answer): the loss is
+    taken on the assistant's tokens only, as in SFT."""
     codec = HFCodec(vl, hf_model(vl))
-    return make_demo_data(tmp_path_factory.mktemp("data"), 16, seed=2, audio_share=0.0, codec=codec)
+    root = tmp_path_factory.mktemp("data")
+    return make_demo_data(root, 16, seed=2, audio_share=0.0, codec=codec, chat=True)
 
 
 @pytest.fixture(scope="module")

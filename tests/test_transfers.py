@@ -25,13 +25,12 @@ from torch import nn
 
 import entrain.runtime.comm as comm
 from entrain.cost.batch import cost_batch
+from entrain.data.sequence import Span
 from entrain.models.load import load_spec
 from entrain.runtime.comm import Mailbox, OutOfOrder, Transfer, TransferTimeout
-from entrain.data.sequence import Span
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
-from entrain.runtime.setup import SampleInputs
 from entrain.runtime.iteration import IterationPlan
-from entrain.runtime.setup import item_locator
+from entrain.runtime.setup import SampleInputs, item_locator
 from entrain.runtime.transfers import edges, roles, sends, transfers_of
 from entrain.schedule import POLICIES, assign, replica_pool
 from entrain.schedule.parallel import ParallelPlan

@@ -32,21 +32,33 @@ class TextCodec(Protocol):
     """Modality -> the text that stands for one item before its pads are expanded."""
     pad_ids: dict[str, int]
     """Modality -> the token id repeated once per LLM token of an item."""
+    special_ids: set[int]
+    """Ids of special tokens (an assistant turn's label ends at the first one)."""
 
     def encode(self, text: str) -> list[int]:
         """Token ids of rendered text (markers included), no special tokens added."""
         ...
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids and the character where each token's text starts."""
+        ...
 
-# ids below SPECIAL are never produced by bytes: 0 pad, 1 bos, 2 eos, 3 reserved, then one
-# pad id per modality
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """A conversation (content as parts) as text, under the model's chat template."""
+        ...
+
+
+# ids below SPECIAL are never produced by bytes: 0 pad, 1 bos, 2 eos (the end of a chat
+# turn), 3 reserved, then one pad id per modality
 _BYTE_PADS = {"image": 4, "video": 5, "audio": 6}
+_BYTE_EOT = ("<|eot|>", 2)
 SPECIAL = 8
 
 
 class ByteTokenizer:
     """One token per UTF-8 byte, shifted past a few special ids and folded into the
-    vocabulary. Its markers are bare pad tokens: an item is its embedding rows, no more."""
+    vocabulary. Its markers are bare pad tokens: an item is its embedding rows, no more.
+    Its chat format is "role: content<|eot|>" a turn, one line each."""
 
     name = "bytes"
 
@@ -56,18 +68,41 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.markers = {m: f"<|{m}_pad|>" for m in MODALITIES_IN_TEXT}
         self.pad_ids = dict(_BYTE_PADS)
-        self._split = re.compile("(" + "|".join(re.escape(v) for v in self.markers.values()) + ")")
         self._special = {self.markers[m]: i for m, i in self.pad_ids.items()}
+        self._special[_BYTE_EOT[0]] = _BYTE_EOT[1]
+        self.special_ids = set(self._special.values())
+        self._split = re.compile("(" + "|".join(re.escape(v) for v in self._special) + ")")
 
     def encode(self, text: str) -> list[int]:
+        return self.encode_with_offsets(text)[0]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
         span = self.vocab_size - SPECIAL
-        out: list[int] = []
+        ids: list[int] = []
+        starts: list[int] = []
+        at = 0
         for piece in self._split.split(text):
             if piece in self._special:
-                out.append(self._special[piece])
+                ids.append(self._special[piece])
+                starts.append(at)
             else:
-                out.extend(SPECIAL + (b % span) for b in piece.encode("utf-8"))
-        return out
+                for k, ch in enumerate(piece):
+                    for b in ch.encode("utf-8"):
+                        ids.append(SPECIAL + (b % span))
+                        starts.append(at + k)
+            at += len(piece)
+        return ids, starts
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        out = []
+        for m in messages:
+            body = "".join(
+                p["text"] if p["type"] == "text" else self.markers[p["type"]] for p in m["content"]
+            )
+            out.append(f"{m['role']}: {body}{_BYTE_EOT[0]}\n")
+        if add_generation_prompt:
+            out.append("assistant: ")
+        return "".join(out)
 
 
 class CodecError(ValueError):
@@ -82,6 +117,9 @@ class HFCodec:
         self.folder = Path(folder)
         self.name = f"hf:{self.folder}"
         self.tok = load_tokenizer(self.folder)
+        self.special_ids = set(self.tok.all_special_ids) | {
+            i for i, t in self.tok.added_tokens_decoder.items() if t.special
+        }
         self.markers: dict[str, str] = {}
         self.pad_ids: dict[str, int] = {}
         if model is None:
@@ -120,8 +158,43 @@ class HFCodec:
             return "<|vision_pad|>", vocab["<|vision_pad|>"]
         return None
 
+        self.special_ids = set(self.tok.all_special_ids) | {
+            i for i, t in self.tok.added_tokens_decoder.items() if t.special
+        }
+
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [a for a, _ in enc["offset_mapping"]]
+
+    @property
+    def template_file(self) -> Path:
+        """Where the chat template is read from (what an error about it names)."""
+        jinja = self.folder / "chat_template.jinja"
+        return jinja if jinja.is_file() else self.folder / "tokenizer_config.json"
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not self.tok.chat_template:
+            raise CodecError(
+                f"{self.folder}: the tokenizer has no chat template (tokenizer_config.json or "
+                "chat_template.jinja); conversations need one"
+            )
+        if not messages:
+            return "" if not add_generation_prompt else self._generation_prompt()
+        return self.tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _generation_prompt(self) -> str:
+        """What the template adds for an assistant turn at the very start."""
+        probe = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+        with_prompt = self.tok.apply_chat_template(
+            probe, tokenize=False, add_generation_prompt=True
+        )
+        without = self.tok.apply_chat_template(probe, tokenize=False)
+        return with_prompt[len(without) :]
 
 
 def load_tokenizer(folder: str | os.PathLike):

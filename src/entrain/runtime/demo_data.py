@@ -65,6 +65,9 @@ DETAILS = (
 )
 
 
+QUESTIONS = ("what does this show?", "describe it.", "what is here?")
+
+
 def make_demo_data(
     root: str | Path,
     n: int,
@@ -74,6 +77,7 @@ def make_demo_data(
     long_text: float = 0.0,
     sides: tuple[int, int] = (40, 240),
     codec: TextCodec | None = None,
+    chat: bool = False,
 ) -> Path:
     """Write `n` samples under `root` (images/, audio/, manifest.jsonl); returns the manifest.
 
@@ -81,7 +85,9 @@ def make_demo_data(
     that LLM work varies independently of the images (as in instruction data, where a
     short answer and a long one can come with the same picture); `sides` bounds the image
     heights and widths in pixels. `codec` counts the text tokens (default: the byte tokenizer
-    of a `vocab`-sized vocabulary, what the presets train with)."""
+    of a `vocab`-sized vocabulary, what the presets train with). `chat`: each sample is a
+    conversation (a user turn with the items and a question, the caption as the assistant's
+    answer) instead of plain text."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -106,6 +112,16 @@ def make_demo_data(
                 f" {DETAILS[i % len(DETAILS)]}." for i in range(int(rng.integers(2, 9)))
             )
         rec = Record(id=sid, line=i + 1, text=text, images=images, audio=audio)
+        if chat:
+            question = QUESTIONS[i % len(QUESTIONS)]
+            items = [{"type": "image"} for _ in images] + [{"type": "audio"} for _ in audio]
+            rec.text, rec.messages = (
+                None,
+                [
+                    {"role": "user", "content": [*items, {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": text}]},
+                ],
+            )
         entry = manifest_line(rec, tok)
         entry["files"] = {
             "image": [str(p.relative_to(root)) for p in images],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import wave
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from entrain.cost.tokens import smart_resize
+from entrain.data.chat import ChatError, parse_messages, text_tokens_of
 from entrain.data.codec import TextCodec
-from entrain.data.sequence import count_text_tokens
 from entrain.models.spec import AudioSpec, VisionSpec
 from entrain.workload.manifest import ManifestError, parse_record
 
@@ -28,6 +28,8 @@ from entrain.workload.manifest import ManifestError, parse_record
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 SAMPLE_RATE = 16_000
+DEFAULT_VIDEO_FPS = 2.0
+"""qwen-vl-utils samples videos at 2 frames a second."""
 
 
 class SampleError(ValueError):
@@ -40,52 +42,73 @@ class Record:
 
     id: str
     line: int
-    text: str
+    text: str | None
+    """Plain text (every token trained), or None for a conversation."""
     images: list[Path]
     audio: list[Path]
+    videos: list[Path] = field(default_factory=list)
+    """Video files, or folders of frames."""
+    messages: list[dict] | None = None
+    """A conversation (data/chat.py): assistant turns trained, rendered with the template."""
+    video_fps: float = DEFAULT_VIDEO_FPS
+    """Frames a second the manifest's video frame counts were sampled at."""
+
+    def files(self, modality: str) -> list[Path]:
+        return {"image": self.images, "audio": self.audio, "video": self.videos}[modality]
+
+
+def _record(manifest: Path, lineno: int, line: str) -> Record:
+    rec = parse_record(manifest, lineno, line)
+    files = rec.get("files") or {}
+    if not isinstance(files, dict):
+        raise ManifestError(
+            manifest, lineno, "files", 'expected {"image": [...], "video": [...], "audio": [...]}'
+        )
+    try:
+        messages = parse_messages(rec)
+    except ChatError as e:
+        field_, _, msg = str(e).partition(": ")
+        raise ManifestError(manifest, lineno, field_, msg) from None
+    if messages is None and not isinstance(rec.get("text"), str):
+        raise ManifestError(
+            manifest, lineno, "text", 'training needs the sample\'s "text" (a string) or "messages"'
+        )
+    for modality in ("image", "video", "audio"):
+        n_sizes, n_files = len(rec.get(modality) or []), len(files.get(modality) or [])
+        if n_sizes != n_files:
+            raise ManifestError(
+                manifest,
+                lineno,
+                f"files.{modality}",
+                f"{n_files} file(s) but {n_sizes} {modality} size(s) in '{modality}'",
+            )
+    fps = rec.get("video_fps", DEFAULT_VIDEO_FPS)
+    if not isinstance(fps, int | float) or isinstance(fps, bool) or not fps > 0:
+        raise ManifestError(manifest, lineno, "video_fps", f"expected a number > 0, got {fps!r}")
+    where = {
+        m: [manifest.parent / p for p in files.get(m) or []] for m in ("image", "video", "audio")
+    }
+    return Record(
+        id=rec["id"],
+        line=lineno,
+        text=rec.get("text") if messages is None else None,
+        images=where["image"],
+        audio=where["audio"],
+        videos=where["video"],
+        messages=messages,
+        video_fps=float(fps),
+    )
 
 
 def load_records(manifest: str | Path) -> list[Record]:
-    """Every sample of a training manifest, validated (sizes as in any manifest, plus text
-    and files)."""
+    """Every sample of a training manifest, validated (sizes as in any manifest, plus the
+    text or conversation and the files)."""
     manifest = Path(manifest)
     out = []
     with open(manifest, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            rec = parse_record(manifest, lineno, text)
-            files = rec.get("files") or {}
-            if "text" not in rec or not isinstance(rec["text"], str):
-                raise ManifestError(
-                    manifest, lineno, "text", "training needs the sample's text (a string)"
-                )
-            if not isinstance(files, dict):
-                raise ManifestError(
-                    manifest, lineno, "files", 'expected {"image": [...], "audio": [...]}'
-                )
-            for modality in ("image", "audio"):
-                n_sizes, n_files = len(rec.get(modality) or []), len(files.get(modality) or [])
-                if n_sizes != n_files:
-                    raise ManifestError(
-                        manifest,
-                        lineno,
-                        f"files.{modality}",
-                        f"{n_files} file(s) but {n_sizes} {modality} size(s) in '{modality}'",
-                    )
-            if rec.get("video"):
-                raise ManifestError(
-                    manifest, lineno, "video", "the runtime does not train on video yet"
-                )
-            out.append(
-                Record(
-                    id=rec["id"],
-                    line=lineno,
-                    text=rec["text"],
-                    images=[manifest.parent / p for p in files.get("image") or []],
-                    audio=[manifest.parent / p for p in files.get("audio") or []],
-                )
-            )
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                out.append(_record(manifest, lineno, line))
     if not out:
         raise ManifestError(manifest, None, None, "the manifest holds no samples (empty file)")
     return out
@@ -163,12 +186,15 @@ def log_mel(audio: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, list[int]
 
 def manifest_line(rec: Record, codec: TextCodec) -> dict:
     """The manifest entry (sizes and token count) that describes a sample's files."""
-    counts = {"image": len(rec.images), "audio": len(rec.audio)}
+    counts = {"image": len(rec.images), "audio": len(rec.audio), "video": len(rec.videos)}
     out: dict = {
         "id": rec.id,
-        "text_tokens": count_text_tokens(rec.id, rec.text, counts, codec),
-        "text": rec.text,
+        "text_tokens": text_tokens_of(rec.id, rec.text, rec.messages, counts, codec),
     }
+    if rec.messages is not None:
+        out["messages"] = rec.messages
+    else:
+        out["text"] = rec.text
     sizes = []
     for path in rec.images:
         with Image.open(path) as im:

@@ -14,8 +14,9 @@ from torch import nn
 from entrain.cost.batch import CostedBatch, cost_batch
 from entrain.cost.flops import CostModel
 from entrain.cost.profile import Profile, load_profile
+from entrain.data.chat import ChatError, tokens_of
 from entrain.data.codec import TextCodec
-from entrain.data.sequence import LayoutError, SampleTokens, build_tokens, workload_items
+from entrain.data.sequence import LayoutError, SampleTokens, workload_items
 from entrain.models.load import run_spec
 from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
 from entrain.runtime.device import check_device
@@ -169,8 +170,8 @@ class Dataset:
         self._tokens: list[SampleTokens] = []
         for rec, its, declared in zip(self.records, items, self.workload.text_tokens.tolist()):
             try:
-                tokens = build_tokens(rec.id, rec.text, its, codec, rope)
-            except LayoutError as e:
+                tokens = tokens_of(rec.id, rec.text, rec.messages, its, codec, rope)
+            except (LayoutError, ChatError) as e:
                 raise SampleError(f"{path}:{rec.line}: {e}") from None
             if tokens.text_tokens != declared:
                 raise SampleError(

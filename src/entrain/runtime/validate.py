@@ -26,8 +26,9 @@ import numpy as np
 from PIL import Image
 
 from entrain.cost.batch import cost_batch
+from entrain.data.chat import ChatError, tokens_of
 from entrain.data.codec import ByteTokenizer, TextCodec
-from entrain.data.sequence import LayoutError, build_tokens, workload_items
+from entrain.data.sequence import LayoutError, workload_items
 from entrain.models.spec import AudioSpec, ModelSpec
 from entrain.runtime.inputs import SAMPLE_RATE, Record, SampleError, read_wav
 from entrain.workload.columnar import ItemTable, Workload
@@ -133,8 +134,8 @@ def validate_samples(
         zip(records, workload_items(known, spec), workload.text_tokens.tolist())
     ):
         try:
-            have = build_tokens(rec.id, rec.text, its, codec).text_tokens
-        except LayoutError as e:
+            have = tokens_of(rec.id, rec.text, rec.messages, its, codec).text_tokens
+        except (LayoutError, ChatError) as e:
             early[s].append((TEXT_TOKENS, str(e).split(": ", 1)[-1]))
             continue
         if have != declared:

@@ -17,7 +17,9 @@ import wave
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from entrain.data.codec import load_tokenizer
+from entrain.data.chat import ChatError, media_counts, parse_messages, text_tokens_of
+from entrain.data.codec import ByteTokenizer, HFCodec
+from entrain.data.sequence import LayoutError
 
 ESTIMATE = "estimate"
 BYTES = "bytes"
@@ -96,6 +98,9 @@ class RawSample:
     text: str
     image: list[ItemRef] = field(default_factory=list)
     audio: list[ItemRef] = field(default_factory=list)
+    messages: list[dict] | None = None
+    """The conversation in the chat format (data/chat.py), when the record is one; `text`
+    then joins its turns (for the estimate)."""
 
     def error(self, fld: str | None, msg: str) -> ReaderError:
         return ReaderError(self.source, self.record, fld, msg)
@@ -113,6 +118,30 @@ def as_id(value: object) -> str | None:
     if isinstance(value, int):
         return str(value)
     return value if isinstance(value, str) and value else None
+
+
+def conversation_of(sample: RawSample, turns: object) -> list[dict] | None:
+    """The record's turns as chat messages (ShareGPT `from`/`value` or `role`/`content`), with
+    images no turn marks put in front of the first user turn (LLaVA's convention); None when
+    `turns` is not a conversation."""
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        return None
+    key = "conversations" if all("value" in t for t in turns) else "messages"
+    try:
+        messages = parse_messages({key: turns})
+    except ChatError as e:
+        raise sample.error(key, str(e)) from None
+    marked = media_counts(messages)
+    for m in ("image", "audio"):
+        n = len(getattr(sample, m))
+        if marked[m] == 0 and n:
+            first = next((x for x in messages if x["role"] == "user"), messages[0])
+            first["content"] = [{"type": m} for _ in range(n)] + first["content"]
+        elif marked[m] != n:
+            raise sample.error(
+                key, f"{marked[m]} <{m}> placeholder(s) in the turns but {n} {m} item(s)"
+            )
+    return messages
 
 
 def conversation_text(value: object) -> str | None:
@@ -228,31 +257,53 @@ def _soundfile_seconds(sf, ref: ItemRef) -> float:
 
 
 class TokenCounter:
-    """Counts the tokens of a sample's text, in one of three ways (`name` says which):
+    """Counts the tokens of a sample's text or conversation, in one of three ways (`name`
+    says which):
 
-    - a Hugging Face tokenizer loaded from a local folder (`"hf:<folder>"`), counting the
-      text's own tokens without special tokens (a chat template adds a model-specific few);
-    - `"bytes"`: one token per UTF-8 byte, what Entrain's byte tokenizer (and so
-      `entrain train`'s validation) counts;
+    - a Hugging Face tokenizer loaded from a local folder (`"hf:<folder>"`). When the folder
+      is a model's (its config.json names a supported model), the count is exactly what
+      `entrain train --model <folder>` counts: conversations rendered with the chat
+      template, the model's placeholders around each item (data/chat.py). A bare tokenizer
+      folder counts the text's own tokens without special tokens (an approximation: no
+      template, no placeholders);
+    - `"bytes"`: what Entrain's byte tokenizer (the presets' `entrain train`) counts;
     - `"estimate"` when no tokenizer is given: ceil(UTF-8 bytes / 4), the usual ~4 bytes a
       token of English BPE vocabularies; good for planning, not exact.
     """
 
     def __init__(self, tokenizer: str | None):
-        self._tok = None
+        self.codec = None
+        self.exact = True
         if tokenizer is None:
             self.name = ESTIMATE
         elif tokenizer == BYTES:
             self.name = BYTES
+            self.codec = ByteTokenizer(512)
         else:
-            self._tok = load_tokenizer(tokenizer)
+            model = _model_of(tokenizer)
+            self.codec = HFCodec(tokenizer, model)
+            self.exact = model is not None
             self.name = f"hf:{tokenizer}"
 
-    def count(self, text: str) -> int:
-        if self._tok is not None:
-            return len(self._tok(text, add_special_tokens=False)["input_ids"])
-        n = len(text.encode("utf-8"))
-        return n if self.name == BYTES else math.ceil(n / 4)
+    def count(self, sample: RawSample) -> int:
+        if self.codec is None:
+            return math.ceil(len(sample.text.encode("utf-8")) / 4)
+        if not self.exact:
+            return len(self.codec.encode(sample.text))
+        counts = {"image": len(sample.image), "audio": len(sample.audio)}
+        try:
+            return text_tokens_of(sample.id, sample.text, sample.messages, counts, self.codec)
+        except (ChatError, LayoutError) as e:
+            raise sample.error(None, str(e).split(": ", 1)[-1]) from None
+
+
+def _model_of(folder: str):
+    """The folder's model (for its placeholder ids), or None for a bare tokenizer folder."""
+    from entrain.models.hf import VISION_LANGUAGE, hf_model, model_type
+
+    if not (Path(folder) / "config.json").is_file() or model_type(folder) not in VISION_LANGUAGE:
+        return None
+    return hf_model(folder)
 
 
 # ------------------------------------------------------------------------------ summary
@@ -289,7 +340,7 @@ class Summary:
 
 def measure(sample: RawSample, counter: TokenCounter) -> tuple[dict, dict[str, list]]:
     """The manifest record of a sample (without "files") and its items with extensions."""
-    rec: dict = {"id": sample.id, "text_tokens": counter.count(sample.text)}
+    rec: dict = {"id": sample.id, "text_tokens": counter.count(sample)}
     items: dict[str, list] = {}
     sizes = []
     for ref in sample.image:
@@ -336,6 +387,8 @@ class ManifestWriter:
             raise sample.error("id", f"duplicate id (already on line {first} of {self.output})")
         files = {m: [self._place(ref, ext) for ref, ext in refs] for m, refs in items.items()}
         rec = {**rec, "text": sample.text, "files": files, "tokenizer": self.tokenizer}
+        if sample.messages is not None:  # what training renders; "text" is for reading
+            rec["messages"] = sample.messages
         self._f.write(json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n")
         self.written += 1
         self._first_line[sample.id] = self.written

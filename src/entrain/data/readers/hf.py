@@ -22,6 +22,7 @@ from entrain.data.readers.common import (
     ReaderError,
     ReaderOptions,
     as_id,
+    conversation_of,
     conversation_text,
     record_label,
 )
@@ -184,6 +185,7 @@ def _sample(
         for m in ("image", "audio"):
             if m in cols:
                 setattr(sample, m, _items(sample, cells[m], cols[m], root))
+        sample.messages = conversation_of(sample, cells["text"])
     except ReaderError as e:
         return e
     return sample

@@ -18,6 +18,7 @@ from entrain.data.readers.common import (
     ReaderError,
     ReaderOptions,
     as_id,
+    conversation_of,
     conversation_text,
     record_label,
 )
@@ -88,13 +89,18 @@ def _sample(path: Path, kind: str, index: int, obj: object, root: Path) -> RawSa
             return ReaderError(
                 path, where, f"conversations[{k}]", 'expected {"from": ..., "value": "text"}'
             )
-    return RawSample(
+    sample = RawSample(
         source=str(path),
         record=where,
         id=sid,
         text=conversation_text([t["value"] for t in turns]),
         image=[ItemRef(field=f"image {p!r}", path=root / p) for p in images],
     )
+    try:
+        sample.messages = conversation_of(sample, turns)
+    except ReaderError as e:
+        return e
+    return sample
 
 
 def _kind(v: object) -> str:
