@@ -184,6 +184,7 @@ def transformers_loss(model_cls, folder: Path, cfg) -> float:
     (summed over the batch's label tokens)."""
     import dataclasses
 
+    from entrain.runtime.inputs import image_patches
     from entrain.runtime.reference import loss_tokens
     from entrain.runtime.setup import make_step, open_dataset, source_of
 
@@ -201,7 +202,8 @@ def transformers_loss(model_cls, folder: Path, cfg) -> float:
             ids = torch.from_numpy(tok.input_ids)[None]
             extra = {}
             if data.records[i].images:
-                parts = [data.image(i, k, vision) for k in range(len(data.records[i].images))]
+                rec = data.records[i]
+                parts = [image_patches(path, vision, rec.id) for path in rec.images]
                 extra = dict(
                     pixel_values=torch.cat([p for p, _ in parts]),
                     image_grid_thw=torch.cat([g for _, g in parts]),

@@ -115,6 +115,7 @@ def test_lr_zero_round_trip_is_bitwise(vl, data, tmp_path):
 def test_trained_export_loads_in_transformers_with_entrains_logits(vl, data, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
+    from entrain.runtime.inputs import image_patches
     from entrain.runtime.setup import open_dataset, source_of
 
     run = tmp_path / "run"
@@ -138,7 +139,8 @@ def test_trained_export_loads_in_transformers_with_entrains_logits(vl, data, tmp
             p.copy_(trained[k])
     i = next(i for i, r in enumerate(dataset.records) if len(r.images) == 2)
     vision = source.spec.encoders[0]
-    parts = [dataset.image(i, k, vision) for k in range(2)]
+    rec = dataset.records[i]
+    parts = [image_patches(path, vision, rec.id) for path in rec.images]
     pixels, grid = torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
     inp = dataset.inputs(i)
     with torch.no_grad():

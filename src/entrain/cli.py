@@ -151,6 +151,15 @@ def _device_flag(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _cache_mb(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected megabytes or 'none', got {text!r}") from None
+
+
 def _lookahead(text: str) -> int | None | str:
     if text in ("auto", "unlimited"):
         return None if text == "unlimited" else text
@@ -389,6 +398,22 @@ def build_parser() -> argparse.ArgumentParser:
         "(each is logged, with a count at the end) instead of stopping",
     )
     tr.add_argument(
+        "--data-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="processes per encoder rank that decode the next step's images, videos and "
+        "audio while this step trains (default 1; 0: decode on the rank when needed)",
+    )
+    tr.add_argument(
+        "--cache-mb",
+        type=_cache_mb,
+        default=2048,
+        metavar="MB",
+        help="most megabytes of decoded inputs an encoder rank keeps, least recently used "
+        "out (default 2048; 'none': no bound)",
+    )
+    tr.add_argument(
         "--max-sample-tokens",
         type=int,
         default=8192,
@@ -497,6 +522,20 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("-o", "--output", required=True, help="directory to write")
     dd.add_argument("--n", type=int, default=96, help="samples (default 96)")
     dd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    dd.add_argument(
+        "--chat",
+        action="store_true",
+        help="conversations (a user turn with the items and a question, the caption as the "
+        "assistant's answer: the loss on the answer only) instead of plain captions",
+    )
+    dd.add_argument(
+        "--video",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of samples with a short video (MPEG-4 files and folders of PNG frames; "
+        "default 0)",
+    )
     dd.add_argument(
         "--model",
         default=None,

@@ -63,6 +63,14 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
         help="hf: id column (default id; without it, row numbers)",
     )
     mp.add_argument(
+        "--video-fps",
+        type=float,
+        default=2.0,
+        metavar="FPS",
+        help="llava: frames a second videos are sampled at (default 2, as qwen-vl-utils); "
+        "a video's frame count in the manifest is its length times this",
+    )
+    mp.add_argument(
         "--skip-bad",
         action="store_true",
         help="leave out records that cannot be converted (counted and listed) instead of "
@@ -85,6 +93,7 @@ def cmd_manifest(args: argparse.Namespace, err: Console) -> int:
             audio_column=args.audio_column,
             id_column=args.id_column,
             skip_bad=args.skip_bad,
+            video_fps=args.video_fps,
         )
     except ValueError as e:
         raise UserError(str(e)) from None

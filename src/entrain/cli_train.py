@@ -20,13 +20,17 @@ def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
+    if not 0 <= args.video <= 1:
+        raise UserError(f"--video must be a share between 0 and 1, got {args.video}")
     codec = None
     if args.model:
         from entrain.data.codec import HFCodec
         from entrain.models.hf import hf_model
 
         codec = HFCodec(args.model, hf_model(args.model))
-    path = make_demo_data(args.output, args.n, seed=args.seed, codec=codec)
+    path = make_demo_data(
+        args.output, args.n, seed=args.seed, codec=codec, chat=args.chat, video_share=args.video
+    )
     err.print(f"wrote {args.n} samples (PNG images, WAV clips, captions) and {path}")
     return 0
 
@@ -61,6 +65,8 @@ TRAIN_FLAGS = (
     "audio_from",
     "freeze",
     "tokenizer",
+    "data_workers",
+    "cache_mb",
 )
 
 

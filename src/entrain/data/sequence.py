@@ -212,9 +212,11 @@ def positions(
     return out
 
 
-def workload_items(workload, spec) -> list[dict[str, list[Item]]]:
+def workload_items(workload, spec, video_interval=None) -> list[dict[str, list[Item]]]:
     """Per sample, its items with the rows and grids the model gives them (the cost model's
-    token rules: one function for the scheduler's counts and the sequence's rows)."""
+    token rules: one function for the scheduler's counts and the sequence's rows).
+    `video_interval(sample)`: M-RoPE temporal positions per temporal patch of that sample's
+    videos (Qwen2.5-VL spaces them by time; 1 when None)."""
     from entrain.cost.tokens import audio_units, vision_grids
     from entrain.models.spec import VisionSpec
 
@@ -227,7 +229,14 @@ def workload_items(workload, spec) -> list[dict[str, list[Item]]]:
             if isinstance(enc, VisionSpec):
                 g = vision_grids(enc, m, table.size)
                 g[:, 1:] //= enc.merge_size
-                made = [Item(int(t * h * w), (int(t), int(h), int(w))) for t, h, w in g.tolist()]
+                made = [
+                    Item(
+                        int(t * h * w),
+                        (int(t), int(h), int(w)),
+                        video_interval(s) if (m == "video" and video_interval) else 1.0,
+                    )
+                    for (t, h, w), s in zip(g.tolist(), table.sample.tolist())
+                ]
             else:
                 n_units, _, llm = audio_units(enc, table.size[:, 0])
                 per_item = np.add.reduceat(llm, np.cumsum(n_units) - n_units)

@@ -68,6 +68,42 @@ DETAILS = (
 QUESTIONS = ("what does this show?", "describe it.", "what is here?")
 
 
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 2) -> None:
+    """An MPEG-4 file of (H, W, 3) uint8 frames, written with PyAV."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _video(rng: np.random.Generator, path: Path, frames: int) -> tuple[str, list[int]]:
+    """A square moving across a plain background; `frames` frames of an even size (MPEG-4
+    needs one). A name ending in / is written as a folder of PNG frames instead."""
+    h, w = (2 * int(x) for x in rng.integers(20, 48, size=2))
+    colour = str(rng.choice(list(COLOURS)))
+    side = min(h, w) // 3
+    pictures = []
+    for k in range(frames):
+        img = Image.new("RGB", (w, h), (10, 10, 30))
+        x = int((w - side) * k / max(1, frames - 1))
+        ImageDraw.Draw(img).rectangle((x, h // 3, x + side, h // 3 + side), fill=COLOURS[colour])
+        pictures.append(np.asarray(img))
+    if path.suffix:
+        write_video(path, pictures)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        for k, arr in enumerate(pictures):
+            Image.fromarray(arr).save(path / f"{k:04d}.png")
+    return f"a {colour} square moving right", [frames, h, w]
+
+
 def make_demo_data(
     root: str | Path,
     n: int,
@@ -78,6 +114,8 @@ def make_demo_data(
     sides: tuple[int, int] = (40, 240),
     codec: TextCodec | None = None,
     chat: bool = False,
+    video_share: float = 0.0,
+    video_frames: tuple[int, int] = (2, 9),
 ) -> Path:
     """Write `n` samples under `root` (images/, audio/, manifest.jsonl); returns the manifest.
 
@@ -87,7 +125,9 @@ def make_demo_data(
     heights and widths in pixels. `codec` counts the text tokens (default: the byte tokenizer
     of a `vocab`-sized vocabulary, what the presets train with). `chat`: each sample is a
     conversation (a user turn with the items and a question, the caption as the assistant's
-    answer) instead of plain text."""
+    answer) instead of plain text. `video_share`: the share of samples with a short video
+    (`video_frames` bounds its frame count), every other one an MPEG-4 file, the rest a
+    folder of PNG frames."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "audio").mkdir(parents=True, exist_ok=True)
@@ -105,16 +145,26 @@ def make_demo_data(
             p = root / "audio" / f"{sid}.wav"
             said.append(_wav(rng, p))
             audio.append(p)
+        videos, video_sizes = [], []
+        if video_share and rng.random() < video_share:
+            (root / "video").mkdir(exist_ok=True)
+            p = root / "video" / (f"{sid}.mp4" if len(lines) % 2 else sid)
+            n_frames = int(rng.integers(video_frames[0], video_frames[1]))
+            caption, size = _video(rng, p, n_frames)
+            said.append(caption)
+            videos.append(p)
+            video_sizes.append(size)
         filler = " and".join([""] * int(rng.integers(0, 4)))
         text = "this shows " + ", then ".join(said or ["nothing at all"]) + filler + "."
         if long_text and rng.random() < long_text:  # no draw when off: same data as before
             text += "".join(
                 f" {DETAILS[i % len(DETAILS)]}." for i in range(int(rng.integers(2, 9)))
             )
-        rec = Record(id=sid, line=i + 1, text=text, images=images, audio=audio)
+        rec = Record(id=sid, line=i + 1, text=text, images=images, audio=audio, videos=videos)
         if chat:
             question = QUESTIONS[i % len(QUESTIONS)]
-            items = [{"type": "image"} for _ in images] + [{"type": "audio"} for _ in audio]
+            items = [{"type": m} for m, paths in (("image", images), ("video", videos),
+                                                  ("audio", audio)) for _ in paths]  # fmt: skip
             rec.text, rec.messages = (
                 None,
                 [
@@ -127,6 +177,9 @@ def make_demo_data(
             "image": [str(p.relative_to(root)) for p in images],
             "audio": [str(p.relative_to(root)) for p in audio],
         }
+        if videos:
+            entry["video"] = video_sizes
+            entry["files"]["video"] = [str(p.relative_to(root)) for p in videos]
         lines.append(to_json_line(entry))
     manifest = root / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -21,6 +21,7 @@ from PIL import Image
 from entrain.cost.tokens import smart_resize
 from entrain.data.chat import ChatError, parse_messages, text_tokens_of
 from entrain.data.codec import TextCodec
+from entrain.data.video import VideoError, video_frames, video_info
 from entrain.models.spec import AudioSpec, VisionSpec
 from entrain.workload.manifest import ManifestError, parse_record
 
@@ -114,7 +115,24 @@ def load_records(manifest: str | Path) -> list[Record]:
     return out
 
 
-def image_patches(path: Path, spec: VisionSpec, sample: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _patchify(x: np.ndarray, p: int, m: int) -> np.ndarray:
+    """(tps, C, H, W) frames -> (H/p * W/p, C * tps * p * p) patches in Qwen2-VL's order:
+    merge x merge groups of patch squares, row by row."""
+    tps, c, h, w = x.shape
+    gh, gw = h // p, w // p
+    x = x.reshape(1, tps, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return np.ascontiguousarray(x).reshape(gh * gw, c * tps * p * p)
+
+
+def _normalized(img: Image.Image, h: int, w: int) -> np.ndarray:
+    """(C, h, w) float32, resized with PIL's bicubic filter and CLIP-normalized, as Qwen2-VL's
+    image processor does."""
+    img = img.resize((int(w), int(h)), Image.Resampling.BICUBIC)
+    x = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD  # (H, W, C)
+    return x.transpose(2, 0, 1)
+
+
+def image_arrays(path: Path, spec: VisionSpec, sample: str) -> tuple[np.ndarray, np.ndarray]:
     """(patches, grid_thw) of one image in Qwen2-VL's layout: resized by the spec's rule,
     repeated to a temporal patch, cut into patch_size squares grouped merge x merge."""
     try:
@@ -126,14 +144,51 @@ def image_patches(path: Path, spec: VisionSpec, sample: str) -> tuple[torch.Tens
     hb, wb = smart_resize(
         np.array([img.height]), np.array([img.width]), p * m, spec.min_pixels, spec.max_pixels
     )
-    img = img.resize((int(wb[0]), int(hb[0])), Image.Resampling.BICUBIC)
-    x = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD  # (H, W, C)
-    x = np.repeat(x.transpose(2, 0, 1)[None], tps, axis=0)  # (tps, C, H, W)
-    gh, gw = x.shape[2] // p, x.shape[3] // p
-    c = x.shape[1]
-    x = x.reshape(1, tps, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    patches = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, c * tps * p * p))
-    return patches, torch.tensor([[1, gh, gw]])
+    x = np.repeat(_normalized(img, hb[0], wb[0])[None], tps, axis=0)  # (tps, C, H, W)
+    return _patchify(x, p, m), np.array([[1, hb[0] // p, wb[0] // p]], dtype=np.int64)
+
+
+def image_patches(path: Path, spec: VisionSpec, sample: str) -> tuple[torch.Tensor, torch.Tensor]:
+    patches, grid = image_arrays(path, spec, sample)
+    return torch.from_numpy(patches), torch.from_numpy(grid)
+
+
+def video_header(path: Path, sample: str) -> tuple[int, int, int]:
+    """(frames, height, width) of a video file or folder of frames, from headers only."""
+    try:
+        info = video_info(path)
+    except VideoError as e:
+        raise SampleError(f"sample {sample!r}: {e}") from None
+    return info.frames, info.height, info.width
+
+
+def video_arrays(
+    path: Path, size: tuple[int, int, int], spec: VisionSpec, sample: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per temporal patch of a video (frames padded to a multiple of temporal_patch_size by
+    repeating the last), its (patches, grid_thw): each is one unit the encoder runs on its
+    own (Qwen2-VL's ViT attends within a temporal patch), so a long video can be spread
+    over encoder microbatches. Frames are resized as the processor resizes video frames
+    (the per-frame bounds and the whole video's pixel budget)."""
+    from entrain.cost.tokens import image_grid
+
+    frames, h, w = (int(v) for v in size)
+    try:
+        images = video_frames(path, frames)
+    except VideoError as e:
+        raise SampleError(f"sample {sample!r}: {e}") from None
+    if any(im.size != (w, h) for im in images):
+        got = next(im.size for im in images if im.size != (w, h))
+        raise SampleError(
+            f"sample {sample!r}: {path} has {got[1]}x{got[0]} frames but the manifest says {h}x{w}"
+        )
+    p, m, tps = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    gh, gw = image_grid(spec, np.array([h]), np.array([w]), frames=np.array([frames]))
+    x = np.stack([_normalized(im, gh[0] * p, gw[0] * p) for im in images])  # (T, C, H, W)
+    if len(x) % tps:
+        x = np.concatenate([x, np.repeat(x[-1:], tps - len(x) % tps, axis=0)])
+    grid = np.array([[1, gh[0], gw[0]]], dtype=np.int64)
+    return [(_patchify(x[g : g + tps], p, m), grid) for g in range(0, len(x), tps)]
 
 
 def read_wav(path: Path, sample: str) -> np.ndarray:
@@ -163,6 +218,11 @@ def read_wav(path: Path, sample: str) -> np.ndarray:
 
 
 def log_mel(audio: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, list[int]]:
+    mels, valid = log_mel_arrays(audio, spec)
+    return torch.from_numpy(mels), valid
+
+
+def log_mel_arrays(audio: np.ndarray, spec: AudioSpec) -> tuple[np.ndarray, list[int]]:
     """Whisper log-mel features of each chunk, padded to the chunk length: (chunks, n_mels,
     2 * positions), and the valid encoder positions of each chunk."""
     from transformers import WhisperFeatureExtractor
@@ -181,7 +241,7 @@ def log_mel(audio: np.ndarray, spec: AudioSpec) -> tuple[torch.Tensor, list[int]
     valid = [
         max(1, math.ceil(len(x) / SAMPLE_RATE * spec.frames_per_second - 1e-9)) for x in pieces
     ]
-    return torch.from_numpy(feats.astype(np.float32)), valid
+    return feats.astype(np.float32), valid
 
 
 def manifest_line(rec: Record, codec: TextCodec) -> dict:

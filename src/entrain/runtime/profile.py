@@ -30,7 +30,7 @@ from entrain.cost.batch import CostedBatch, cost_batch
 from entrain.cost.fit import fit_coeffs
 from entrain.cost.flops import analytic_cost_model
 from entrain.cost.profile import P2PFit, Profile
-from entrain.cost.tokens import smart_resize
+from entrain.cost.tokens import vision_grids
 from entrain.data.sequence import IGNORE, Span
 from entrain.models.spec import ModelSpec, VisionSpec
 from entrain.runtime.device import Placement, name_of, place, sync
@@ -89,15 +89,13 @@ class _Inputs:
         self.gen = torch.Generator().manual_seed(seed)
         self.grids: dict[str, np.ndarray] = {}
         for enc in spec.encoders:
-            if isinstance(enc, VisionSpec):
-                if len(workload.items["video"]):
-                    raise ValueError(
-                        "the runtime does not run video yet; profile on data without video"
-                    )
-                size = workload.items["image"].size
-                f = enc.patch_size * enc.merge_size
-                hb, wb = smart_resize(size[:, 0], size[:, 1], f, enc.min_pixels, enc.max_pixels)
-                self.grids[enc.name] = np.stack([hb, wb], 1) // enc.patch_size
+            if isinstance(enc, VisionSpec):  # per item, as cost_batch numbers them
+                grids = [
+                    vision_grids(enc, m, workload.items[m].size)[:, 1:]
+                    for m in enc.modalities
+                    if len(workload.items[m])
+                ]
+                self.grids[enc.name] = np.concatenate(grids) if grids else np.zeros((0, 2), int)
 
     def encoder(self, enc, units: np.ndarray) -> tuple:
         """What `encode_units` hands the tower for these units."""

@@ -3,7 +3,7 @@ modules of a role, and the inputs of a unit."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,17 +18,11 @@ from entrain.data.chat import ChatError, tokens_of
 from entrain.data.codec import TextCodec
 from entrain.data.sequence import LayoutError, SampleTokens, workload_items
 from entrain.models.load import run_spec
-from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
+from entrain.models.spec import ModelSpec, VisionSpec
 from entrain.runtime.device import check_device
-from entrain.runtime.inputs import (
-    Record,
-    SampleError,
-    image_patches,
-    load_records,
-    log_mel,
-    read_wav,
-)
+from entrain.runtime.inputs import Record, SampleError, load_records
 from entrain.runtime.iteration import IterationPlan
+from entrain.runtime.loader import Job, Key, Loader
 from entrain.runtime.source import HFSource, PresetSource, model_source
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
@@ -54,6 +48,12 @@ class TrainConfig:
     """Modules that do not train (vision, audio, llm); a frozen encoder's projector trains."""
     tokenizer: str | None = None
     """Tokenizer folder (default: the model folder's own; presets use the byte tokenizer)."""
+    data_workers: int = 1
+    """Processes per encoder rank that decode the next step's images, videos and audio
+    while this step trains (0: decode on the rank itself, when needed)."""
+    cache_mb: float | None = 2048
+    """Most megabytes of decoded encoder inputs a rank keeps (least recently used out;
+    None: no bound)."""
     policy: str = "entrain"
     """Assignment policy."""
     steps: int = 10
@@ -122,6 +122,10 @@ class TrainConfig:
         self.freeze = tuple(self.freeze)
         if self.init_from in ("none", ""):
             self.init_from = None
+        if self.data_workers < 0:
+            raise ValueError(f"--data-workers must be >= 0, got {self.data_workers}")
+        if self.cache_mb is not None and not self.cache_mb >= 0:
+            raise ValueError(f"--cache-mb must be >= 0, got {self.cache_mb}")
         if self.validate not in ("full", "headers", "off"):
             raise ValueError(f"--validate must be full, headers or off, got {self.validate!r}")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
@@ -157,7 +161,12 @@ class Dataset:
         rope: str = "1d",
         drop: Collection[int] = (),
         parsed: tuple[list[Record], Workload] | None = None,
+        cache_bytes: int | None = None,
+        workers: int = 0,
+        video_interval: Callable[[float], float] | None = None,
     ):
+        """`video_interval(fps)`: M-RoPE temporal positions per temporal patch of a video
+        sampled at `fps` (the source's rule; None: 1)."""
         self.spec = spec
         self.records, self.workload = parsed or (load_records(path), read_manifest(path))
         if drop:
@@ -165,8 +174,11 @@ class Dataset:
             self.records = [self.records[int(i)] for i in keep]
             self.workload = self.workload.take(keep)
         self.codec = codec
-        self._cache: dict[tuple, object] = {}
-        items = workload_items(self.workload, spec)
+        self.loader = Loader(self._job, cache_bytes, workers)
+        interval = None
+        if video_interval is not None:
+            interval = lambda i: video_interval(self.records[i].video_fps)  # noqa: E731
+        items = workload_items(self.workload, spec, interval)
         self._tokens: list[SampleTokens] = []
         for rec, its, declared in zip(self.records, items, self.workload.text_tokens.tolist()):
             try:
@@ -199,21 +211,30 @@ class Dataset:
             t.spans,
         )
 
-    def image(self, index: int, item: int, enc: VisionSpec):
-        key = ("image", index, item)
-        if key not in self._cache:
-            self._cache[key] = image_patches(
-                self.records[index].images[item], enc, self.records[index].id
-            )
-        return self._cache[key]
+    def _job(self, key: Key) -> Job:
+        modality, index, item = key
+        table = self.workload.items[modality]
+        row = int(np.searchsorted(table.sample, index)) + item
+        rec = self.records[index]
+        size = tuple(table.size[row].tolist())
+        enc = self.spec.encoder_for(modality)
+        return Job(modality, rec.files(modality)[item], size, rec.id, enc)
 
-    def audio_chunk(self, index: int, item: int, chunk: int, enc: AudioSpec):
-        key = ("audio", index, item)
-        if key not in self._cache:
-            rec = self.records[index]
-            self._cache[key] = log_mel(read_wav(rec.audio[item], rec.id), enc)
-        mels, valid = self._cache[key]
-        return mels[chunk], valid[chunk]
+    def key(self, index: int, ref) -> Key:
+        """The cache key of a unit's item."""
+        return (ref.modality, index, ref.item)
+
+    def unit_input(self, index: int, ref) -> tuple:
+        """A unit's encoder input: (patches, grid) of an image or of one temporal patch of a
+        video; (mels, valid positions) of one audio chunk. Torch tensors on the CPU."""
+        value = self.loader.get(self.key(index, ref))
+        if ref.modality == "image":
+            return torch.from_numpy(value[0]), torch.from_numpy(value[1])
+        if ref.modality == "video":
+            patches, grid = value[ref.chunk]
+            return torch.from_numpy(patches), torch.from_numpy(grid)
+        mels, valid = value
+        return torch.from_numpy(mels[ref.chunk]), valid[ref.chunk]
 
 
 @dataclass
@@ -291,14 +312,14 @@ def encode_units(
     computed in one call of the tower on `device` (inputs are decoded and cached on the CPU,
     moved per call)."""
     refs = [step.plan.units[enc.name][u] for u in units]
+    parts = [data.unit_input(int(step.indices[r.sample]), r) for r in refs]
     if isinstance(enc, VisionSpec):
-        parts = [data.image(int(step.indices[r.sample]), r.item, enc) for r in refs]
         patches = torch.cat([p for p, _ in parts]).to(device)
         grid = torch.cat([g for _, g in parts]).to(device)
         out = tower(patches, grid) if trains else tower.trunk(patches, grid)
         rows = [int(g.prod()) // (enc.merge_size**2 if trains else 1) for _, g in parts]
         return list(torch.split(out, rows))
-    chunks = [data.audio_chunk(int(step.indices[r.sample]), r.item, r.chunk, enc) for r in refs]
+    chunks = parts
     mels = torch.stack([m for m, _ in chunks]).to(device)
     valid = [v for _, v in chunks]
     return tower(mels, valid) if trains else tower.trunk(mels, valid)
@@ -315,8 +336,22 @@ def spec_of(cfg: TrainConfig) -> ModelSpec:
     return run_spec(cfg.model, cfg.audio_from, cfg.freeze)
 
 
-def open_dataset(cfg: TrainConfig, source, drop: Collection[int] = (), parsed=None) -> Dataset:
-    return Dataset(cfg.data, source.spec, source.codec(), source.rope, drop, parsed)
+def open_dataset(
+    cfg: TrainConfig, source, drop: Collection[int] = (), parsed=None, workers: int = 0
+) -> Dataset:
+    """The run's data set, tokenized by the source's codec; encoder inputs through a cache of
+    --cache-mb, decoded ahead by `workers` processes."""
+    return Dataset(
+        cfg.data,
+        source.spec,
+        source.codec(),
+        source.rope,
+        drop,
+        parsed,
+        cache_bytes=int(cfg.cache_mb * 2**20) if cfg.cache_mb is not None else None,
+        workers=workers,
+        video_interval=source.video_interval,
+    )
 
 
 def profile_of(cfg: TrainConfig, spec: ModelSpec) -> Profile | None:

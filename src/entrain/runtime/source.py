@@ -60,6 +60,7 @@ class PresetSource:
     hf: HFModel | None = None
     rope = "1d"
     tied_key: str | None = None
+    video_interval = None
 
     def __init__(self, spec: ModelSpec, seed: int):
         self.spec, self.seed = spec, seed
@@ -136,6 +137,15 @@ class HFSource:
         last pipeline stages then each hold a copy, kept equal by summing their gradients)."""
         tied = tied_sources(self.model)
         return disk_names(self.model)[next(iter(tied.values()))] if tied else None
+
+    def video_interval(self, fps: float) -> float:
+        """M-RoPE temporal positions per temporal patch of a video sampled at `fps`:
+        Qwen2.5-VL spaces them by time (tokens_per_second x seconds a patch spans),
+        Qwen2-VL by one."""
+        if self.hf.model_type != "qwen2_5_vl":
+            return 1.0
+        tps = self.spec.encoders[0].temporal_patch_size
+        return (self.hf.tokens_per_second or 4.0) * tps / fps  # 4: transformers' default
 
     def codec(self) -> TextCodec:
         if self._codec is None:

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import os
+import resource
 import signal
 import threading
 import time
@@ -103,7 +104,10 @@ class Trainer:
         parsed = (load_records(cfg.data), read_manifest(cfg.data))  # once, for both uses
         self.data_codec = self.source.codec()
         self.skipped = self._check_samples(*parsed)
-        self.data = open_dataset(cfg, self.source, [b.index for b in self.skipped], parsed)
+        workers = cfg.data_workers if self.role.module != "llm" else 0  # LLM ranks decode nothing
+        self.data = open_dataset(
+            cfg, self.source, [b.index for b in self.skipped], parsed, workers=workers
+        )
         profile = profile_of(cfg, self.spec)
         self.cost_model = profile.cost_model() if profile else None
         self.cfg = cfg = dataclasses.replace(
@@ -186,6 +190,14 @@ class Trainer:
         rank's transfers. PlanAhead runs it a step ahead, in a thread."""
         t0 = time.perf_counter()
         st = make_step(self.data, self.cfg, step, self.plan.llm_pp, self.cost_model)
+        if self.role.module != "llm":  # start decoding the inputs this rank will encode
+            e, r, M = self.role.module, self.role.replica, self.cfg.microbatches
+            self.data.loader.want(
+                self.data.key(int(st.indices[ref.sample]), st.plan.units[e][u])
+                for k in range(M)
+                for u in st.plan.enc_mb.get((e, r, k), [])
+                for ref in (st.plan.units[e][u],)
+            )
         return Prepared(
             st,
             transfers_of(st.plan, self.rank, self.roles, self.trains),
@@ -210,6 +222,7 @@ class Trainer:
         else:
             loss = self.worker.step(st.plan, self.mail, stats, norm)
         self.mail.flush()
+        data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
         if self.opt is not None:
             self.opt.step()
@@ -227,6 +240,8 @@ class Trainer:
                 stats.busy,
                 [(lab, a - t0, b - t0) for lab, a, b in stats.events],
                 stats.peak_deferred,
+                data_wait,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB -> MiB
             ),
         )
         tokens = int(st.batch.llm_tokens.sum())
@@ -238,10 +253,12 @@ class Trainer:
             "plan_wait": plan_wait,
             "samples_per_s": len(st.indices) / wall,
             "tokens_per_s": tokens / wall,
-            "busy": {f"{n}/r{r}": b for n, r, b, _, _ in busy},
-            "idle": {f"{n}/r{r}": wall - plan_wait - b for n, r, b, _, _ in busy},
-            "peak_deferred_tokens": max(d for *_, d in busy),
-            "_events": [(f"{n}/r{r}", lab, a, b) for n, r, _, ev, _ in busy for lab, a, b in ev],
+            "data_wait": max(x[5] for x in busy),
+            "busy": {f"{b[0]}/r{b[1]}": b[2] for b in busy},
+            "idle": {f"{b[0]}/r{b[1]}": wall - plan_wait - b[2] for b in busy},
+            "peak_deferred_tokens": max(b[4] for b in busy),
+            "peak_rss_mb": {f"{b[0]}/r{b[1]}": round(b[6], 1) for b in busy},
+            "_events": [(f"{b[0]}/r{b[1]}", lab, a, c) for b in busy for lab, a, c in b[3]],
             "_samples": [self.data.records[int(i)].id for i in st.indices],
         }
 
@@ -473,6 +490,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
             print(f"entrain: trained without {len(trainer.skipped)} bad sample(s){where}")
     finally:
         ahead.close()
+        trainer.data.loader.close()
         for f in logs.values():
             f.close()
         if bar:

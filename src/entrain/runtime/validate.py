@@ -29,8 +29,15 @@ from entrain.cost.batch import cost_batch
 from entrain.data.chat import ChatError, tokens_of
 from entrain.data.codec import ByteTokenizer, TextCodec
 from entrain.data.sequence import LayoutError, workload_items
-from entrain.models.spec import AudioSpec, ModelSpec
-from entrain.runtime.inputs import SAMPLE_RATE, Record, SampleError, read_wav
+from entrain.models.spec import AudioSpec, ModelSpec, VisionSpec
+from entrain.runtime.inputs import (
+    SAMPLE_RATE,
+    Record,
+    SampleError,
+    read_wav,
+    video_arrays,
+    video_header,
+)
 from entrain.workload.columnar import ItemTable, Workload
 
 DURATION_TOLERANCE = 0.01
@@ -45,6 +52,8 @@ CORRUPT_AUDIO = "corrupt audio file"
 EMPTY_AUDIO = "empty audio file"
 AUDIO_DURATION = "audio duration mismatch"
 FILE_COUNT = "file count mismatch"
+CORRUPT_VIDEO = "corrupt video"
+VIDEO_SIZE = "video size mismatch"
 TEXT_TOKENS = "text token mismatch"
 NO_ENCODER = "modality without an encoder"
 TOO_LARGE = "sample over --max-sample-tokens"
@@ -174,9 +183,12 @@ def validate_samples(
     audio_enc = audio_enc if isinstance(audio_enc, AudioSpec) else None
     images = _per_sample(workload.items["image"], n)
     audio = _per_sample(workload.items["audio"], n)
+    videos = _per_sample(workload.items["video"], n)
+    vision = spec.encoder_for("video")
 
     def check(s: int) -> list[tuple[str, str]]:
-        return _check_files(records[s], images[s], audio[s], audio_enc, decode)
+        found = _check_files(records[s], images[s], audio[s], audio_enc, decode)
+        return found + _check_videos(records[s], videos[s], vision, decode)
 
     out: list[BadSample] = []
 
@@ -258,6 +270,39 @@ def _check_files(
         why = _check_audio(path, float(size[0]), rec.id, audio_enc)
         if why:
             problems.append((why[0], f"{where}: {why[1]}"))
+    return problems
+
+
+def _check_videos(rec: Record, sizes: np.ndarray, vision, decode: bool) -> list[tuple[str, str]]:
+    """Each video is there, decodes (with `decode`: every frame the runtime will take, as
+    it will take them), has the manifest's frame size, and at least its frame count."""
+    problems: list[tuple[str, str]] = []
+    if len(rec.videos) != len(sizes):
+        problems.append((FILE_COUNT, f"{len(rec.videos)} video file(s) but {len(sizes)} size(s)"))
+    for k, (path, size) in enumerate(zip(rec.videos, sizes)):
+        where = f"video[{k}] ({path})"
+        if not path.exists():
+            problems.append((MISSING_FILE, f"{where}: file not found"))
+            continue
+        frames, h, w = (int(v) for v in size)
+        try:
+            if decode and isinstance(vision, VisionSpec):
+                video_arrays(path, (frames, h, w), vision, rec.id)
+                continue
+            have, hh, ww = video_header(path, rec.id)
+        except SampleError as e:
+            text = str(e).removeprefix(f"sample {rec.id!r}: ")
+            kind = VIDEO_SIZE if "frames but the manifest says" in text else CORRUPT_VIDEO
+            problems.append((kind, text))
+            continue
+        if (hh, ww) != (h, w):
+            problems.append(
+                (VIDEO_SIZE, f"{where}: {hh}x{ww} frames but the manifest says {h}x{w}")
+            )
+        elif have < frames:
+            problems.append(
+                (CORRUPT_VIDEO, f"{where}: has {have} frames, fewer than the manifest's {frames}")
+            )
     return problems
 
 

@@ -99,7 +99,7 @@ def convert(
             try:
                 if isinstance(item, ReaderError):
                     raise item
-                rec, items = measure(item, counter)
+                rec, items = measure(item, counter, options.video_fps)
                 writer.add(item, rec, items)
             except ReaderError as e:
                 if not options.skip_bad:

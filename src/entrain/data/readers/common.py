@@ -20,6 +20,7 @@ from pathlib import Path
 from entrain.data.chat import ChatError, media_counts, parse_messages, text_tokens_of
 from entrain.data.codec import ByteTokenizer, HFCodec
 from entrain.data.sequence import LayoutError
+from entrain.data.video import VideoError, sampled_frames, video_info
 
 ESTIMATE = "estimate"
 BYTES = "bytes"
@@ -46,6 +47,9 @@ class ReaderOptions:
     """hf: column holding sample ids; without it, ids are row numbers."""
     skip_bad: bool = False
     """Leave out records that cannot be converted (counted, with reasons) instead of stopping."""
+    video_fps: float = 2.0
+    """Frames a second a video is sampled at (qwen-vl-utils' default): the manifest's frame
+    count is its length times this."""
 
     def __post_init__(self):
         for name in ("text_column", "image_column", "audio_column", "id_column"):
@@ -54,6 +58,8 @@ class ReaderOptions:
                 raise ValueError(f"{name} must be a non-empty column name, got {v!r}")
         if self.tokenizer == "":
             raise ValueError("tokenizer must be a folder, 'bytes', or None for the estimate")
+        if not isinstance(self.video_fps, int | float) or not self.video_fps > 0:
+            raise ValueError(f"video_fps must be a number > 0, got {self.video_fps!r}")
 
     def changed(self) -> set[str]:
         """Names of options set to something other than their default."""
@@ -98,6 +104,7 @@ class RawSample:
     text: str
     image: list[ItemRef] = field(default_factory=list)
     audio: list[ItemRef] = field(default_factory=list)
+    video: list[ItemRef] = field(default_factory=list)
     messages: list[dict] | None = None
     """The conversation in the chat format (data/chat.py), when the record is one; `text`
     then joins its turns (for the estimate)."""
@@ -132,7 +139,7 @@ def conversation_of(sample: RawSample, turns: object) -> list[dict] | None:
     except ChatError as e:
         raise sample.error(key, str(e)) from None
     marked = media_counts(messages)
-    for m in ("image", "audio"):
+    for m in ("image", "video", "audio"):
         n = len(getattr(sample, m))
         if marked[m] == 0 and n:
             first = next((x for x in messages if x["role"] == "user"), messages[0])
@@ -290,7 +297,7 @@ class TokenCounter:
             return math.ceil(len(sample.text.encode("utf-8")) / 4)
         if not self.exact:
             return len(self.codec.encode(sample.text))
-        counts = {"image": len(sample.image), "audio": len(sample.audio)}
+        counts = {m: len(getattr(sample, m)) for m in ("image", "video", "audio")}
         try:
             return text_tokens_of(sample.id, sample.text, sample.messages, counts, self.codec)
         except (ChatError, LayoutError) as e:
@@ -338,7 +345,9 @@ class Summary:
 # ------------------------------------------------------------------------------- writing
 
 
-def measure(sample: RawSample, counter: TokenCounter) -> tuple[dict, dict[str, list]]:
+def measure(
+    sample: RawSample, counter: TokenCounter, fps: float = 2.0
+) -> tuple[dict, dict[str, list]]:
     """The manifest record of a sample (without "files") and its items with extensions."""
     rec: dict = {"id": sample.id, "text_tokens": counter.count(sample)}
     items: dict[str, list] = {}
@@ -362,6 +371,19 @@ def measure(sample: RawSample, counter: TokenCounter) -> tuple[dict, dict[str, l
         items.setdefault("audio", []).append((ref, ext))
     if seconds:
         rec["audio"] = seconds
+    videos = []
+    for ref in sample.video:
+        if ref.path is None:
+            raise sample.error(ref.field, "videos held as bytes are not supported; give paths")
+        try:
+            info = video_info(ref.path)
+        except VideoError as e:
+            raise sample.error(ref.field, str(e)) from None
+        videos.append([sampled_frames(info, fps), info.height, info.width])
+        items.setdefault("video", []).append((ref, ""))
+    if videos:
+        rec["video"] = videos
+        rec["video_fps"] = fps
     return rec, items
 
 

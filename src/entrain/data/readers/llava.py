@@ -1,5 +1,7 @@
 """LLaVA / ShareGPT conversation JSON: a list of
-`{"id", "image": "path" | ["path", ...], "conversations": [{"from", "value"}, ...]}`.
+`{"id", "image": "path" | ["path", ...], "conversations": [{"from", "value"}, ...]}`, with
+`"video"` paths (video files or folders of frames) as LLaVA-Video writes them; LLaMA-Factory's
+`"images"` / `"videos"` are read alike.
 
 A `.json` file is loaded whole (the stdlib has no streaming JSON parser; LLaVA-665k's 1 GB
 takes a few GB of memory), then converted record by record. A `.jsonl` file, one record a
@@ -23,7 +25,7 @@ from entrain.data.readers.common import (
     record_label,
 )
 
-USES = frozenset({"image_root"})
+USES = frozenset({"image_root", "video_fps"})
 ABOUT = "LLaVA/ShareGPT conversation JSON (a list of records) or JSON Lines"
 
 
@@ -72,15 +74,14 @@ def _sample(path: Path, kind: str, index: int, obj: object, root: Path) -> RawSa
     where = record_label(kind, index, sid)
     if sid is None:
         return ReaderError(path, where, "id", f"expected a string or integer, got {_kind(raw_id)}")
-    if obj.get("video"):
-        return ReaderError(path, where, "video", "video samples are not supported")
-    images = obj.get("image")
-    if images is None:
-        images = []
-    elif isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-        return ReaderError(path, where, "image", "expected a path or a list of paths")
+    paths: dict[str, list[str]] = {}
+    for modality in ("image", "video"):
+        key = modality if modality in obj else modality + "s"  # LLaMA-Factory: "images"
+        value = obj.get(key)
+        value = [] if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+            return ReaderError(path, where, key, "expected a path or a list of paths")
+        paths[modality] = value
     turns = obj.get("conversations")
     if not isinstance(turns, list):
         return ReaderError(path, where, "conversations", f"expected a list, got {_kind(turns)}")
@@ -94,7 +95,8 @@ def _sample(path: Path, kind: str, index: int, obj: object, root: Path) -> RawSa
         record=where,
         id=sid,
         text=conversation_text([t["value"] for t in turns]),
-        image=[ItemRef(field=f"image {p!r}", path=root / p) for p in images],
+        image=[ItemRef(field=f"image {p!r}", path=root / p) for p in paths["image"]],
+        video=[ItemRef(field=f"video {p!r}", path=root / p) for p in paths["video"]],
     )
     try:
         sample.messages = conversation_of(sample, turns)
