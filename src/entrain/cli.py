@@ -151,6 +151,15 @@ def _device_flag(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _optional_float(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _cache_mb(text: str) -> float | None:
     if text.lower() == "none":
         return None
@@ -349,7 +358,57 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--pp", type=int, default=None, help="LLM pipeline stages (default: what is left)"
     )
-    tr.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    tr.add_argument(
+        "--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)"
+    )
+    tr.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=("constant", "cosine", "linear"),
+        help="after warm-up: constant, or cosine/linear decay to --min-lr-ratio x lr at "
+        "--decay-steps (default constant)",
+    )
+    tr.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps (default 0)")
+    tr.add_argument(
+        "--decay-steps",
+        type=int,
+        default=None,
+        help="step where the decay reaches its floor (default: the last step)",
+    )
+    tr.add_argument(
+        "--min-lr-ratio",
+        type=float,
+        default=0.0,
+        help="the decay's floor as a fraction of --lr (default 0)",
+    )
+    tr.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="AdamW weight decay on matrices; norm scales and biases are not decayed (default 0)",
+    )
+    tr.add_argument(
+        "--clip-grad",
+        type=_optional_float,
+        default=1.0,
+        metavar="NORM",
+        help="clip the global gradient norm over the whole model to NORM (default 1.0; "
+        "'none': no clipping)",
+    )
+    tr.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="bf16: autocast compute with fp32 weights and AdamW state, bf16 messages "
+        "between ranks; auto: bf16 on GPUs, fp32 on the CPU (default)",
+    )
+    tr.add_argument(
+        "--recompute",
+        default="none",
+        metavar="none|full|MODULE=MODE,...",
+        help="recompute activations per transformer block in backward: none, full, or per "
+        "module, e.g. vision=full,llm=none (default none)",
+    )
     tr.add_argument(
         "--seed", type=int, default=0, help="seed of weights and data order (default 0)"
     )

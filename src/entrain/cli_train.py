@@ -67,6 +67,14 @@ TRAIN_FLAGS = (
     "tokenizer",
     "data_workers",
     "cache_mb",
+    "lr_schedule",
+    "warmup_steps",
+    "decay_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "clip_grad",
+    "precision",
+    "recompute",
 )
 
 

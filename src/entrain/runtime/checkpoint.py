@@ -108,10 +108,11 @@ def load(
     """Restore this rank's part of a checkpoint in place; returns the completed steps."""
     rank = dist.get_rank()
     if opt is not None:  # AdamW creates its state lazily: make the tensors to load into
+        fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step on the device
         for p in named.values():
             if p.requires_grad and not opt.state.get(p):
                 opt.state[p] = {
-                    "step": torch.tensor(0.0),
+                    "step": torch.tensor(0.0, device=p.device if fused else "cpu"),
                     "exp_avg": torch.zeros_like(p),
                     "exp_avg_sq": torch.zeros_like(p),
                 }

@@ -21,10 +21,10 @@ pair of ranks, the order the sender sends them in. That order is the contract:
   get there: a deadlock). With a group per direction a channel carries one way only.
 
 A message is bytes: the header's length, the header (ids, then each tensor's shape, as
-int64), one flat float32 payload, zero padding. Receives are posted early (as soon as the
-caller knows it will need them), into buffers on the compute device, so data moves while
-both sides compute. A receive that waits longer than the timeout raises an error naming
-what it waited for and from which rank.
+int64), one flat payload (float32, or bfloat16 under bf16 training), zero padding.
+Receives are posted early (as soon as the caller knows it will need them), into buffers on
+the compute device, so data moves while both sides compute. A receive that waits longer
+than the timeout raises an error naming what it waited for and from which rank.
 """
 
 from __future__ import annotations
@@ -81,29 +81,38 @@ class Transfer:
     """Words for error messages."""
 
 
-def capacity(meta: int, rows: Sequence[int], width: int) -> int:
+def capacity(meta: int, rows: Sequence[int], width: int, value_bytes: int = 4) -> int:
     """Bytes of a message carrying `meta` integers and one (rows[i] <= r, width) tensor per
-    entry of `rows`, with SLACK_ROWS rows of headroom each."""
+    entry of `rows` of `value_bytes` a value, with SLACK_ROWS rows of headroom each."""
     header = 1 + 1 + meta + 1 + 3 * len(rows)
     values = sum(r + SLACK_ROWS for r in rows) * width
-    return 8 * header + 4 * values
+    return 8 * header + value_bytes * values
 
 
-def _pack(tensors: list[torch.Tensor], meta: Sequence[int], size: int, device) -> torch.Tensor:
+def _pack(
+    tensors: list[torch.Tensor],
+    meta: Sequence[int],
+    size: int,
+    device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     header = [len(meta), *meta, len(tensors)]
     for t in tensors:
         header += [t.dim(), *t.shape]
     head = torch.tensor([len(header), *header], dtype=torch.int64).view(torch.uint8).to(device)
     parts = [head]
     if tensors:
-        parts.append(torch.cat([t.detach().reshape(-1).float() for t in tensors]).view(torch.uint8))
+        flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+        parts.append(flat.view(torch.uint8))
     used = sum(p.numel() for p in parts)
     if used < size:
         parts.append(torch.zeros(size - used, dtype=torch.uint8, device=device))
     return torch.cat(parts)  # longer than size when too large: the caller raises
 
 
-def _unpack(buf: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
+def _unpack(
+    buf: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[list[int], list[torch.Tensor]]:
     n = int(buf[:8].cpu().view(torch.int64))
     h = buf[8 : 8 * (n + 1)].cpu().view(torch.int64).tolist()
     meta = h[1 : 1 + h[0]]
@@ -115,7 +124,7 @@ def _unpack(buf: torch.Tensor) -> tuple[list[int], list[torch.Tensor]]:
         i += 1 + ndim
     sizes = [math.prod(s) for s in shapes]  # prod of () is 1: a scalar
     start = 8 * (n + 1)
-    flat = buf[start : start + 4 * sum(sizes)].view(torch.float32)
+    flat = buf[start : start + dtype.itemsize * sum(sizes)].view(dtype)
     parts = torch.split(flat, sizes)
     return meta, [p.reshape(s).clone() for p, s in zip(parts, shapes)]  # leaves of their own
 
@@ -160,6 +169,8 @@ class Mailbox:
     _out_by_key: dict = field(default_factory=dict)
     wire: torch.device | None = None
     """Where messages travel from (None: `device`); the CPU when ranks share a GPU."""
+    dtype: torch.dtype = torch.float32
+    """The values' dtype on the wire (bf16 under bf16 training)."""
 
     def __post_init__(self) -> None:
         self.wire = self.device if self.wire is None else self.wire
@@ -183,7 +194,8 @@ class Mailbox:
                 self._in_by_key[t.key] = t
 
     def send(self, key: tuple, tensors: list[torch.Tensor]) -> None:
-        """Send float32 tensors of any shapes as transfer `key`; the next of its pair."""
+        """Send tensors of any shapes as transfer `key` (in the wire's dtype); the next of
+        its pair."""
         t = self._out_by_key.get(key)
         if t is None:
             raise OutOfOrder(f"rank {dist.get_rank()} sends {key}, which the plan does not have")
@@ -194,7 +206,7 @@ class Mailbox:
                 f"rank {dist.get_rank()} sends {key} to rank {t.dst}, but the plan's order {due}"
             )
         queue.popleft()
-        msg = _pack(tensors, t.ids, t.size, self.device).to(self.wire)
+        msg = _pack(tensors, t.ids, t.size, self.device, self.dtype).to(self.wire)
         if msg.numel() > t.size:
             raise TransferTooLarge(
                 f"rank {dist.get_rank()}: {t.what} is {msg.numel()} bytes, more than the "
@@ -226,7 +238,7 @@ class Mailbox:
         self.expect(key)
         buf, work, t = self.posted.pop(key)
         self._wait(work, t.src, f"{t.what} from rank {t.src}")
-        meta, tensors = _unpack(buf)
+        meta, tensors = _unpack(buf, self.dtype)
         if tuple(meta) != t.ids:
             raise OutOfOrder(
                 f"rank {dist.get_rank()} took {t.what} from rank {t.src} but got ids "

@@ -46,10 +46,17 @@ class IterationPlan:
     trains, its own positions when frozen and the projector runs on the LLM side)."""
     seq_rows: list[int] = field(default_factory=list)
     """Per sample: its LLM sequence length."""
+    value_bytes: int = 4
+    """Bytes of one value on the wire (4 for fp32 messages, 2 for bf16)."""
 
     @staticmethod
     def build(
-        batch: CostedBatch, asg: Assignment, spec: ModelSpec, llm_stages: int, item_modality
+        batch: CostedBatch,
+        asg: Assignment,
+        spec: ModelSpec,
+        llm_stages: int,
+        item_modality,
+        value_bytes: int = 4,
     ) -> IterationPlan:
         units: dict[str, list[UnitRef]] = {}
         prefix: list[list[tuple[str, int]]] = [[] for _ in range(batch.n_samples)]
@@ -79,6 +86,7 @@ class IterationPlan:
                 for e in spec.encoders
             },
             seq_rows=batch.llm_tokens.astype(int).tolist(),
+            value_bytes=value_bytes,
         )
         for e, refs in units.items():
             for u in refs:
@@ -94,13 +102,13 @@ class IterationPlan:
         """Bytes of a transfer of these units' embeddings (or their gradients), at most."""
         enc = next(e for e in self.spec.encoders if e.name == encoder)
         width = enc.encoder.hidden_size if enc.frozen else self.spec.llm.hidden_size
-        return capacity(len(units), [self.unit_rows[encoder][u] for u in units], width)
+        rows = [self.unit_rows[encoder][u] for u in units]
+        return capacity(len(units), rows, width, self.value_bytes)
 
     def act_cap(self, samples: list[int]) -> int:
         """Bytes of a transfer of these samples' activations (or their gradients), at most."""
-        return capacity(
-            len(samples), [self.seq_rows[s] for s in samples], self.spec.llm.hidden_size
-        )
+        rows = [self.seq_rows[s] for s in samples]
+        return capacity(len(samples), rows, self.spec.llm.hidden_size, self.value_bytes)
 
     def unit_dest(self, encoder: str, unit: int) -> tuple[int, int]:
         """(replica, LLM microbatch) of the sample the unit belongs to."""

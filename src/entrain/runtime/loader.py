@@ -55,6 +55,15 @@ def decode(job: Job):
     return inputs.log_mel_arrays(inputs.read_wav(job.path, job.sample), job.spec)
 
 
+def _decode_here(job: Job):
+    """Decode on the calling thread, outside any autocast the caller computes under (the
+    Whisper features use torch on the CPU and must stay fp32)."""
+    import torch
+
+    with torch.autocast("cpu", enabled=False):
+        return decode(job)
+
+
 def _die_with_parent(parent: int) -> None:
     """A worker leaves when its rank is gone (killed, or ended without closing the pool):
     an orphan would hold the rank's output pipes open and decode for nobody."""
@@ -154,7 +163,7 @@ class Loader:
         with self._lock:
             fut = self._pending.pop(key, None)
         t0 = time.perf_counter()
-        value = fut.result() if fut is not None else decode(self.job_of(key))
+        value = fut.result() if fut is not None else _decode_here(self.job_of(key))
         self.wait += time.perf_counter() - t0
         self.cache.put(key, value)
         return value

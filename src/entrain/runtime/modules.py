@@ -213,6 +213,23 @@ def build_llm(spec: ModelSpec, seed: int) -> Qwen2ForCausalLM:
     return model
 
 
+def enable_recompute(module: nn.Module) -> int:
+    """Recompute each transformer block's activations in backward (keeping only its input):
+    every transformers block under `module` checkpoints itself, non-reentrant (so it
+    recomputes under the autocast state of its forward). Returns the blocks switched."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in module.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for m in blocks:
+        m.gradient_checkpointing = True
+        m._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    module.train()  # transformers checkpoints only in training mode
+    return len(blocks)
+
+
 def stage_layers(num_layers: int, stages: int) -> list[range]:
     """Decoder layers of each pipeline stage, as even as the count allows (earlier stages
     take the remainder: the last also runs the LM head)."""
@@ -255,7 +272,7 @@ class LLMStage(nn.Module):
         parts, row = [], 0
         for span, units in zip(spans, items):
             parts.append(tokens[row : span.start])
-            parts.extend(units)
+            parts.extend(u.to(tokens.dtype) for u in units)  # bf16 messages join fp32 rows
             row = span.start + span.rows
             got = sum(int(u.shape[0]) for u in units)
             if got != span.rows:

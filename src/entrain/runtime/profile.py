@@ -35,7 +35,7 @@ from entrain.data.sequence import IGNORE, Span
 from entrain.models.spec import ModelSpec, VisionSpec
 from entrain.runtime.device import Placement, name_of, place, sync
 from entrain.runtime.modules import LLMStage
-from entrain.runtime.reference import optimizer
+from entrain.runtime.optim import optimizer
 from entrain.runtime.setup import SampleInputs
 from entrain.runtime.source import PresetSource, model_source
 from entrain.workload.columnar import Workload

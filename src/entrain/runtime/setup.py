@@ -3,6 +3,7 @@ modules of a role, and the inputs of a unit."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from entrain.runtime.device import check_device
 from entrain.runtime.inputs import Record, SampleError, load_records
 from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.loader import Job, Key, Loader
+from entrain.runtime.optim import SCHEDULES, lr_at
 from entrain.runtime.source import HFSource, PresetSource, model_source
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
@@ -67,6 +69,25 @@ class TrainConfig:
     pp: int | None = None
     """LLM pipeline stages (default: the ranks left per replica after one per encoder)."""
     lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay, on matrices only (not on norm scales and biases)."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant, cosine or linear decay to min_lr_ratio x lr at decay_steps."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr / warmup_steps to lr."""
+    decay_steps: int | None = None
+    """Step at which the decay reaches its floor (default: the run's length)."""
+    min_lr_ratio: float = 0.0
+    """The decay's floor, as a fraction of lr."""
+    clip_grad: float | None = 1.0
+    """Clip the gradient's global L2 norm over the whole model to this (None: no clipping)."""
+    precision: str = "auto"
+    """fp32, or bf16 compute (autocast) with fp32 weights and optimizer state, bf16 messages
+    between ranks; auto: bf16 on GPUs, fp32 on the CPU."""
+    recompute: str = "none"
+    """Activation recompute per transformer block: none or full for every module, or per
+    module, e.g. "vision=full,llm=none" (a module not named: none)."""
     seed: int = 0
     shuffle: bool = True
     """Shuffle the samples every epoch (seeded by seed and epoch)."""
@@ -115,6 +136,35 @@ class TrainConfig:
     (catches truncated files), "headers" reads only headers (fast on large data; a file
     broken past its header then fails when training reaches it), "off" skips the check."""
 
+    def _check_optim(self) -> None:
+        _finite("lr", self.lr)
+        _finite("weight_decay", self.weight_decay)
+        if self.clip_grad is not None and not (
+            math.isfinite(self.clip_grad) and self.clip_grad > 0
+        ):
+            raise ValueError(f"--clip-grad must be > 0 (or none), got {self.clip_grad!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(
+                f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be within [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(
+                f"--warmup-steps {self.warmup_steps}: the warm-up must fit in the run's "
+                f"{self.steps} steps"
+            )
+        if self.decay_steps is not None and not self.warmup_steps <= self.decay_steps <= self.steps:
+            raise ValueError(
+                f"--decay-steps {self.decay_steps}: the schedule must end within the run's "
+                f"{self.steps} steps, after the {self.warmup_steps} warm-up steps"
+            )
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of 0-based `step` (runtime/optim.py's schedule)."""
+        end = self.decay_steps if self.decay_steps is not None else self.steps
+        return lr_at(step, self.lr, self.lr_schedule, self.warmup_steps, end, self.min_lr_ratio)
+
     def __post_init__(self) -> None:
         check_device(self.device)
         if isinstance(self.freeze, str):
@@ -122,6 +172,8 @@ class TrainConfig:
         self.freeze = tuple(self.freeze)
         if self.init_from in ("none", ""):
             self.init_from = None
+        self._check_optim()
+        recompute_of(self.recompute)  # refuses a bad value now, not on the ranks
         if self.data_workers < 0:
             raise ValueError(f"--data-workers must be >= 0, got {self.data_workers}")
         if self.cache_mb is not None and not self.cache_mb >= 0:
@@ -145,6 +197,29 @@ class TrainConfig:
             raise ValueError(
                 f"--global-batch {self.global_batch} is not divisible by --dp {self.dp}"
             )
+
+
+def _finite(name: str, value: float, low: float = 0.0) -> None:
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+        raise ValueError(
+            f"--{name.replace('_', '-')} must be a finite number >= {low}, got {value!r}"
+        )
+
+
+def recompute_of(text: str) -> dict[str, str]:
+    """--recompute as {module: none|full}; "*" for the modules it does not name."""
+    modes = ("none", "full")
+    if text in modes:
+        return {"*": text}
+    out: dict[str, str] = {"*": "none"}
+    for part in text.split(","):
+        module, _, mode = part.partition("=")
+        if not module or mode not in modes:
+            raise ValueError(
+                f"--recompute must be none, full, or MODULE=none|full,..., got {text!r}"
+            )
+        out[module.strip()] = mode
+    return out
 
 
 class Dataset:
@@ -282,7 +357,10 @@ def make_step(
     step: int,
     llm_stages: int,
     cost_model: CostModel | None = None,
+    value_bytes: int = 4,
 ) -> Step:
+    """Step `step`'s samples, costs, assignment and plan (`value_bytes`: of a value on the
+    wire, which sizes the transfers)."""
     indices = data.batch_order(step, cfg.global_batch, cfg.seed, cfg.shuffle)
     w = data.workload.take(indices)
     batch = cost_batch(w, data.spec, cost_model)
@@ -295,7 +373,7 @@ def make_step(
         cfg.pool,
         max_deferred_tokens=cfg.max_deferred_tokens,
     )
-    plan = IterationPlan.build(batch, asg, data.spec, llm_stages, item_locator(w))
+    plan = IterationPlan.build(batch, asg, data.spec, llm_stages, item_locator(w), value_bytes)
     return Step(indices, batch, asg, plan)
 
 

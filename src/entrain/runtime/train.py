@@ -32,7 +32,18 @@ from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
 from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.inputs import load_records
-from entrain.runtime.reference import loss_tokens, optimizer
+from entrain.runtime.modules import enable_recompute
+from entrain.runtime.optim import (
+    clip_coefficient,
+    compute_context,
+    local_sq_norm,
+    optimizer,
+    resolve_precision,
+    scale_grads,
+    set_lr,
+    wire_dtype,
+)
+from entrain.runtime.reference import loss_tokens
 from entrain.runtime.setup import (
     Step,
     TrainConfig,
@@ -40,6 +51,7 @@ from entrain.runtime.setup import (
     make_step,
     open_dataset,
     profile_of,
+    recompute_of,
     resolve_lookahead,
     source_of,
 )
@@ -116,13 +128,18 @@ class Trainer:
         block = replica_pool(cfg.policy, cfg.dp, cfg.pool)
         groups = edge_groups(edges(self.roles, self.trains, block))
         connect(groups, placement.wire)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.compute = compute_context(self.precision, self.device)
         self.mail = Mailbox(
-            datetime.timedelta(seconds=cfg.timeout_s), self.device, groups, wire=placement.wire
+            datetime.timedelta(seconds=cfg.timeout_s),
+            self.device,
+            groups,
+            wire=placement.wire,
+            dtype=wire_dtype(self.precision),
         )
         self.named: dict[str, torch.nn.Parameter] = {}
         self._build()
-        trainable = [p for p in self.named.values() if p.requires_grad]
-        self.opt = optimizer(trainable, cfg.lr) if trainable else None
+        self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device)
         self.groups = self._dp_groups()
         self.tied, self.tie_group = self._tie_group()
 
@@ -130,18 +147,24 @@ class Trainer:
         """This rank's modules, and only them (a model folder's other tensors are never
         read), on its device."""
         source, role, trains, device = self.source, self.role, self.trains, self.device
+        recompute = recompute_of(self.cfg.recompute)
         if role.module != "llm":
             enc = next(e for e in self.spec.encoders if e.name == role.module)
             tower, self.named = source.encoder(enc.name, device)
+            if trains[enc.name] and recompute.get(enc.name, recompute["*"]) == "full":
+                enable_recompute(tower)
             self.worker = EncoderWorker(
                 role,
                 trains[enc.name],
                 lambda units: encode_units(
                     tower, enc, self.data, self.current, units, trains[enc.name], device
                 ),
+                self.compute,
             )
             return
         stage, self.named = source.llm_stage(role.stage, self.plan.llm_pp, device)
+        if recompute.get("llm", recompute["*"]) == "full":
+            enable_recompute(stage)
         projectors = {}
         if role.stage == 0:  # frozen encoders' projectors train on the LLM side
             for e in self.spec.encoders:
@@ -154,6 +177,7 @@ class Trainer:
             lambda i: self.data.inputs(int(self.current.indices[i]), device),
             projectors,
             trains,
+            self.compute,
         )
 
     def _dp_groups(self):
@@ -189,7 +213,14 @@ class Trainer:
         """What a step computes without communicating: its batch, assignment, plan and this
         rank's transfers. PlanAhead runs it a step ahead, in a thread."""
         t0 = time.perf_counter()
-        st = make_step(self.data, self.cfg, step, self.plan.llm_pp, self.cost_model)
+        st = make_step(
+            self.data,
+            self.cfg,
+            step,
+            self.plan.llm_pp,
+            self.cost_model,
+            wire_dtype(self.precision).itemsize,
+        )
         if self.role.module != "llm":  # start decoding the inputs this rank will encode
             e, r, M = self.role.module, self.role.replica, self.cfg.microbatches
             self.data.loader.want(
@@ -224,7 +255,14 @@ class Trainer:
         self.mail.flush()
         data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
+        grad_norm = self._clip_grads()
+        lr = self.cfg.lr_at(step)
+        if self.cfg.save_params:  # the step's gradients, for the equivalence tests
+            self.last_grads = {
+                n: p.grad.detach().clone() for n, p in self.named.items() if p.grad is not None
+            }
         if self.opt is not None:
+            set_lr(self.opt, lr)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
         total = torch.tensor([loss], dtype=torch.float64)
@@ -253,6 +291,8 @@ class Trainer:
             "plan_wait": plan_wait,
             "samples_per_s": len(st.indices) / wall,
             "tokens_per_s": tokens / wall,
+            "grad_norm": grad_norm,
+            "lr": lr,
             "data_wait": max(x[5] for x in busy),
             "busy": {f"{b[0]}/r{b[1]}": b[2] for b in busy},
             "idle": {f"{b[0]}/r{b[1]}": wall - plan_wait - b[2] for b in busy},
@@ -272,6 +312,24 @@ class Trainer:
             if p.grad is None:  # every member takes part in the sum
                 p.grad = torch.zeros_like(p)
             self._all_reduce(p.grad, group)
+
+    def _clip_grads(self) -> float:
+        """The global gradient norm over the whole model, and every rank's gradients scaled
+        to `--clip-grad` when it is larger. Each parameter counts once: replicas hold the
+        same summed gradient (replica 0 counts it), a tied embedding's second copy (on the
+        last stage) is left out."""
+        counted = []
+        if self.role.replica == 0:
+            counted = [
+                p for p in self.named.values()
+                if p.requires_grad and not (p is self.tied and self.role.stage != 0)
+            ]  # fmt: skip
+        total = local_sq_norm(counted)
+        dist.all_reduce(total)
+        norm = float(total.sqrt())
+        coef = clip_coefficient(norm, self.cfg.clip_grad)
+        scale_grads(self.named.values(), coef)
+        return norm
 
     def _all_reduce(self, grad: torch.Tensor, group) -> None:
         wire = self.placement.wire
@@ -361,11 +419,14 @@ class Trainer:
         return done
 
     def save_params(self, out: Path) -> None:
+        """This rank's parameters after the last step, and that step's (clipped) gradients."""
         if self.role.replica == 0:
             torch.save(
                 {n: p.detach().cpu().clone() for n, p in self.named.items()},
                 out / f"params-{self.role.name}.pt",
             )
+            grads = getattr(self, "last_grads", {})
+            torch.save({n: g.cpu() for n, g in grads.items()}, out / f"grads-{self.role.name}.pt")
 
 
 def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> None:
