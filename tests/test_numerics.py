@@ -181,3 +181,46 @@ def test_recompute_keeps_only_block_inputs():
     after = _saved_bytes(stage, llm), _saved_bytes(tower, vit)
     # the LLM's blocks are all it has; the ViT keeps its patch stem and merger outside them
     assert after[0] < 0.1 * before[0] and after[1] < 0.7 * before[1], (before, after)
+
+
+TINY_VISION = str(Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-vision.yaml")
+
+
+def _state_mb(run: Path) -> dict[str, float]:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["optimizer_state_mb"]
+
+
+def test_zero1_halves_each_replicas_optimizer_state_and_matches_the_reference(demo, tmp_path):
+    """dp=2 (4 ranks: 2 x [ViT, LLM]): with ZeRO-1 each replica of a module holds about half
+    the AdamW state (whole tensors per rank, so not exactly), the two halves together are
+    the whole, and the parameters after two steps equal the single-process reference."""
+    flags = ["--model", TINY_VISION, "--dp", "2", "--steps", "2", "--global-batch", "8",
+             "--microbatches", "2"]  # fmt: skip
+    data = make_demo_data(tmp_path / "data", 24, seed=2, audio_share=0.0)
+    train(data, tmp_path / "sharded", 4, *flags)
+    train(data, tmp_path / "whole", 4, *flags, "--no-shard-optimizer")
+    sharded, whole = _state_mb(tmp_path / "sharded"), _state_mb(tmp_path / "whole")
+    for module in ("vision", "llm.s0"):
+        full = whole[f"{module}/r0"]
+        assert whole[f"{module}/r1"] == full > 0
+        halves = sharded[f"{module}/r0"], sharded[f"{module}/r1"]
+        assert sum(halves) == pytest.approx(full, rel=1e-9)
+        assert all(0.35 * full <= h <= 0.65 * full for h in halves), (module, halves, full)
+    cfg = TrainConfig(data=str(data), model=TINY_VISION, dp=2, steps=2, global_batch=8,
+                      microbatches=2)  # fmt: skip
+    assert_matches_reference(tmp_path / "sharded", cfg)
+
+
+def test_zero1_resume_is_exact(tmp_path):
+    """Each rank checkpoints its shard of the optimizer state; resuming ends with the
+    parameters of an uninterrupted run, bit for bit."""
+    data = make_demo_data(tmp_path / "data", 24, seed=3, audio_share=0.0)
+    flags = ["--model", TINY_VISION, "--dp", "2", "--global-batch", "8", "--microbatches", "2"]
+    train(data, tmp_path / "straight", 4, *flags, "--steps", "3")
+    ckpt = tmp_path / "ckpt"
+    train(data, tmp_path / "a", 4, *flags, "--steps", "2", "--checkpoint-every", "2",
+          "--checkpoint-dir", str(ckpt))  # fmt: skip
+    train(data, tmp_path / "b", 4, *flags, "--steps", "3", "--resume", str(ckpt))
+    for f in (tmp_path / "straight").glob("params-*.pt"):
+        want, got = torch.load(f), torch.load(tmp_path / "b" / f.name)
+        assert all(torch.equal(want[k], got[k]) for k in want), f.name

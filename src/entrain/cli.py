@@ -403,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         "between ranks; auto: bf16 on GPUs, fp32 on the CPU (default)",
     )
     tr.add_argument(
+        "--no-shard-optimizer",
+        dest="shard_optimizer",
+        action="store_false",
+        help="keep the whole AdamW state on every replica (default: ZeRO-1, each replica of a "
+        "module keeps 1/dp of it)",
+    )
+    tr.add_argument(
         "--recompute",
         default="none",
         metavar="none|full|MODULE=MODE,...",

@@ -75,6 +75,7 @@ TRAIN_FLAGS = (
     "clip_grad",
     "precision",
     "recompute",
+    "shard_optimizer",
 )
 
 

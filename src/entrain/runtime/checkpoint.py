@@ -51,6 +51,7 @@ def _state(
     """What this rank saves and loads, by key: weights by name (shared by replicas of one
     module), their optimizer state, this rank's RNG."""
     state: dict = {name: p.data for name, p in named.items()}
+    opt = getattr(opt, "optim", opt)  # ZeRO-1: this rank's shard of the state
     if opt is not None:
         for name, p in named.items():
             for key, value in opt.state.get(p, {}).items():
@@ -107,10 +108,12 @@ def load(
 ) -> int:
     """Restore this rank's part of a checkpoint in place; returns the completed steps."""
     rank = dist.get_rank()
+    opt = getattr(opt, "optim", opt)  # ZeRO-1: this rank's shard of the state
     if opt is not None:  # AdamW creates its state lazily: make the tensors to load into
         fused = bool(opt.defaults.get("fused"))  # fused AdamW keeps its step on the device
+        owned = {id(p) for g in opt.param_groups for p in g["params"]}
         for p in named.values():
-            if p.requires_grad and not opt.state.get(p):
+            if id(p) in owned and not opt.state.get(p):
                 opt.state[p] = {
                     "step": torch.tensor(0.0, device=p.device if fused else "cpu"),
                     "exp_avg": torch.zeros_like(p),

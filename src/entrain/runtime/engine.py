@@ -66,10 +66,20 @@ class EncoderWorker:
         self.compute = compute
         """The context forwards run in (bf16 autocast, or nothing)."""
 
-    def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats) -> None:
+    def step(
+        self,
+        it: IterationPlan,
+        mail: Mailbox,
+        stats: StepStats,
+        before_last_backward: Callable[[], None] | None = None,
+    ) -> None:
         e, r = self.role.module, self.role.replica
         outputs: dict[int, list[torch.Tensor]] = {}
-        for kind, k in encoder_actions(it.need(e, r), it.llm_stages, self.trains):
+        actions = list(encoder_actions(it.need(e, r), it.llm_stages, self.trains))
+        last_b = max((i for i, (kind, _) in enumerate(actions) if kind == "B"), default=-1)
+        for i, (kind, k) in enumerate(actions):
+            if i == last_b and before_last_backward:
+                before_last_backward()
             units = it.enc_mb.get((e, r, k), [])
             t0 = time.perf_counter()
             if kind == "F":
@@ -125,7 +135,14 @@ class LLMWorker:
         self.compute = compute
         self.projectors, self.encoder_trains = projectors, encoder_trains
 
-    def step(self, it: IterationPlan, mail: Mailbox, stats: StepStats, loss_tokens: int) -> float:
+    def step(
+        self,
+        it: IterationPlan,
+        mail: Mailbox,
+        stats: StepStats,
+        loss_tokens: int,
+        before_last_backward: Callable[[], None] | None = None,
+    ) -> float:
         r, s, P, M = self.role.replica, self.role.stage, it.llm_stages, it.asg.microbatches
         received: dict[tuple[str, int], torch.Tensor] = {}
         got: set = set()
@@ -135,7 +152,11 @@ class LLMWorker:
         total = 0.0
         for j in range(min(POST_AHEAD, M)):
             self._post_inputs(it, mail, j, got)
-        for kind, j in one_f_one_b(P, s, M):
+        actions = list(one_f_one_b(P, s, M))
+        last_b = max(i for i, (kind, _) in enumerate(actions) if kind == "B")
+        for i, (kind, j) in enumerate(actions):
+            if i == last_b and before_last_backward:
+                before_last_backward()  # gradients become final in this backward
             samples = it.llm_mb.get((r, j), [])
             if kind == "F":
                 if j + POST_AHEAD < M:

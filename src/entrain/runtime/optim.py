@@ -73,15 +73,44 @@ def optimizer(
     lr: float,
     weight_decay: float = 0.0,
     device: torch.device | None = None,
+    shard_group=None,
 ) -> torch.optim.Optimizer | None:
-    """AdamW over the trained parameters (None when there are none)."""
+    """AdamW over the trained parameters (None when there are none). With `shard_group`
+    (the module's data-parallel group), ZeRO-1: each rank of the group keeps the AdamW state
+    of its share of the parameters (torch's ZeroRedundancyOptimizer, which assigns whole
+    tensors, largest first, to the least loaded rank), steps them, and broadcasts them."""
     if not isinstance(named, dict):
         named = {str(i): p for i, p in enumerate(named)}
     groups = param_groups(named, weight_decay)
     if not groups:
         return None
     fused = device is not None and device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=lr, betas=BETAS, foreach=not fused, fused=fused or None)
+    kwargs = dict(lr=lr, betas=BETAS, foreach=not fused, fused=fused or None)
+    if shard_group is None:
+        return torch.optim.AdamW(groups, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(
+        groups, optimizer_class=torch.optim.AdamW, process_group=shard_group, **kwargs
+    )
+
+
+def local_optimizer(opt: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer holding this rank's state: ZeRO's local shard, or `opt` itself."""
+    return getattr(opt, "optim", opt)
+
+
+def state_bytes(opt: torch.optim.Optimizer | None) -> int:
+    """Bytes of optimizer state this rank holds."""
+    local = local_optimizer(opt)
+    if local is None:
+        return 0
+    return sum(
+        v.numel() * v.element_size()
+        for st in local.state.values()
+        for v in st.values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 def lr_at(

@@ -85,6 +85,9 @@ class TrainConfig:
     precision: str = "auto"
     """fp32, or bf16 compute (autocast) with fp32 weights and optimizer state, bf16 messages
     between ranks; auto: bf16 on GPUs, fp32 on the CPU."""
+    shard_optimizer: bool = True
+    """ZeRO-1: with dp > 1, each replica of a module keeps the AdamW state of 1/dp of its
+    parameters (runtime/optim.py)."""
     recompute: str = "none"
     """Activation recompute per transformer block: none or full for every module, or per
     module, e.g. "vision=full,llm=none" (a module not named: none)."""

@@ -31,6 +31,7 @@ from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
 from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
+from entrain.runtime.grads import GradReducer
 from entrain.runtime.inputs import load_records
 from entrain.runtime.modules import enable_recompute
 from entrain.runtime.optim import (
@@ -41,6 +42,7 @@ from entrain.runtime.optim import (
     resolve_precision,
     scale_grads,
     set_lr,
+    state_bytes,
     wire_dtype,
 )
 from entrain.runtime.reference import loss_tokens
@@ -139,9 +141,14 @@ class Trainer:
         )
         self.named: dict[str, torch.nn.Parameter] = {}
         self._build()
-        self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device)
         self.groups = self._dp_groups()
         self.tied, self.tie_group = self._tie_group()
+        shard = self.groups if cfg.shard_optimizer else None
+        self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device, shard)
+        self.reducer = None
+        if self.groups is not None:  # the tied embedding is summed in its own group
+            params = [p for p in self.named.values() if p is not self.tied]
+            self.reducer = GradReducer(params, self.groups, placement.wire)
 
     def _build(self) -> None:
         """This rank's modules, and only them (a model folder's other tensors are never
@@ -248,10 +255,11 @@ class Trainer:
         _inject_fault(step, self.rank)
         t0 = time.perf_counter()
         loss = 0.0
+        arm = self.reducer.arm if self.reducer else None
         if isinstance(self.worker, EncoderWorker):
-            self.worker.step(st.plan, self.mail, stats)
+            self.worker.step(st.plan, self.mail, stats, arm)
         else:
-            loss = self.worker.step(st.plan, self.mail, stats, norm)
+            loss = self.worker.step(st.plan, self.mail, stats, norm, arm)
         self.mail.flush()
         data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
@@ -280,6 +288,7 @@ class Trainer:
                 stats.peak_deferred,
                 data_wait,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB -> MiB
+                state_bytes(self.opt),
             ),
         )
         tokens = int(st.batch.llm_tokens.sum())
@@ -293,6 +302,7 @@ class Trainer:
             "tokens_per_s": tokens / wall,
             "grad_norm": grad_norm,
             "lr": lr,
+            "optimizer_state_mb": {f"{b[0]}/r{b[1]}": b[7] / 2**20 for b in busy},
             "data_wait": max(x[5] for x in busy),
             "busy": {f"{b[0]}/r{b[1]}": b[2] for b in busy},
             "idle": {f"{b[0]}/r{b[1]}": wall - plan_wait - b[2] for b in busy},
@@ -303,15 +313,16 @@ class Trainer:
         }
 
     def _all_reduce_grads(self) -> None:
-        """Sum gradients over the replicas of this rank's module, and a tied embedding's over
-        its group (which holds every replica's copies: it is not summed twice)."""
-        for p in self.named.values():
-            group = self.tie_group if p is self.tied else self.groups
-            if not p.requires_grad or group is None:
-                continue
+        """Sum gradients over the replicas of this rank's module (buckets started during the
+        last backward: runtime/grads.py), and a tied embedding's over its group (which holds
+        every replica's copies: it is not summed twice)."""
+        if self.reducer is not None:
+            self.reducer.finish()
+        p = self.tied
+        if p is not None and p.requires_grad:
             if p.grad is None:  # every member takes part in the sum
                 p.grad = torch.zeros_like(p)
-            self._all_reduce(p.grad, group)
+            self._all_reduce(p.grad, self.tie_group)
 
     def _clip_grads(self) -> float:
         """The global gradient norm over the whole model, and every rank's gradients scaled
