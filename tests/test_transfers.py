@@ -142,12 +142,12 @@ def fake_sample(it: IterationPlan, s: int) -> SampleInputs:
     return SampleInputs(z, z, torch.arange(length)[None], tuple(spans))
 
 
-def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None):
+def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None, copies=None):
     M, B = 4, 8 * dp
     w = generate_workload("omni", B, seed=seed)
     batch = cost_batch(w, spec)
     asg = assign(policy, batch, dp, M, lookahead if policy == "entrain" else None, pool)
-    return IterationPlan.build(batch, asg, spec, pp, item_locator(w))
+    return IterationPlan.build(batch, asg, spec, pp, item_locator(w), copies=copies)
 
 
 def run_threads(
@@ -158,10 +158,18 @@ def run_threads(
     per_direction: bool = True,
     timeout_s: float = 5,
     block: int | None = None,
+    copies: dict[str, int] | None = None,
 ):
     """Every rank's worker in a thread over FakeNCCL; the errors raised, by rank."""
     names = [e.name for e in spec.encoders]
-    layout = roles(ParallelPlan(dp=dp, llm_pp=pp, microbatches=it.asg.microbatches), names)
+    plan = ParallelPlan(
+        dp=dp,
+        llm_pp=pp,
+        microbatches=it.asg.microbatches,
+        encoder_tp=dict.fromkeys(names, 1),
+        encoder_dp=copies or {},
+    )
+    layout = roles(plan, names)
     trains = {e.name: not e.frozen for e in spec.encoders}
     fake = FakeNCCL()
     shared = object()
@@ -217,6 +225,18 @@ def test_every_policy_keeps_the_order_under_nccl_rules(policy, dp, pp):
         it = _plan(spec, policy, dp, pp, seed)
         errors = run_threads(spec, it, dp, pp, block=replica_pool(policy, dp))
         assert not errors, {r: repr(e) for r, e in errors.items()}
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_encoder_copies_keep_the_order_under_nccl_rules(policy):
+    """The vision encoder on 3 ranks per replica (2 replicas, 2 stages): each copy sends and
+    takes back its share of every encoder microbatch, in the order both sides derive."""
+    torch.set_num_threads(1)
+    copies = {"vision": 3}
+    it = _plan(SPEC, policy, 2, 2, 1, copies=copies)
+    assert len(set(it.unit_copy["vision"])) >= 2  # the units really are spread
+    errors = run_threads(SPEC, it, 2, 2, block=replica_pool(policy, 2), copies=copies)
+    assert not errors, {r: repr(e) for r, e in errors.items()}
 
 
 @pytest.mark.parametrize("policy", sorted(POLICIES))
@@ -335,7 +355,7 @@ def test_a_microbatch_of_only_deferred_samples_runs(pp):
 
     w, batch, asg = all_deferred(SPEC)
     it = IterationPlan.build(batch, asg, SPEC, pp, item_locator(w))
-    assert it.embed_sources(0, 3) and all(k == 0 for _, _, k in it.embed_sources(0, 3))
+    assert it.embed_sources(0, 3) and all(k == 0 for _, _, k, _ in it.embed_sources(0, 3))
     assert not run_threads(SPEC, it, 1, pp)
 
 

@@ -403,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
         "between ranks; auto: bf16 on GPUs, fp32 on the CPU (default)",
     )
     tr.add_argument(
+        "--encoder-copies",
+        default="",
+        metavar="ENCODER=N,...",
+        help="encoders on N ranks per replica (e.g. vision=2): each copy encodes a share of "
+        "every encoder microbatch, split by cost (the planner's encoder_dp)",
+    )
+    tr.add_argument(
         "--no-shard-optimizer",
         dest="shard_optimizer",
         action="store_false",

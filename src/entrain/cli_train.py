@@ -76,6 +76,7 @@ TRAIN_FLAGS = (
     "precision",
     "recompute",
     "shard_optimizer",
+    "encoder_copies",
 )
 
 
@@ -97,9 +98,24 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
             "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"
         )
     _check_device(cfg.device, args.nproc)
+    _check_layout(cfg, args.nproc)
     _check_model(cfg, err)
     argv = sys.argv[1:] if args.argv is None else args.argv
     return _launch_torchrun(args.nproc, argv, args.max_restarts)
+
+
+def _check_layout(cfg, nproc: int) -> None:
+    """The processes hold the layout (replicas, encoder copies, LLM stages): checked once here,
+    not by every rank after start-up."""
+    from entrain.runtime.setup import run_layout, spec_of
+
+    spec = spec_of(cfg)
+    plan = run_layout(cfg, [e.name for e in spec.encoders], nproc)
+    if plan.llm_pp > spec.llm.num_hidden_layers:
+        raise UserError(
+            f"--pp {plan.llm_pp}: the LLM of {spec.name!r} has only "
+            f"{spec.llm.num_hidden_layers} layer(s) to split into stages"
+        )
 
 
 def _check_model(cfg, err: Console) -> None:

@@ -73,14 +73,14 @@ class EncoderWorker:
         stats: StepStats,
         before_last_backward: Callable[[], None] | None = None,
     ) -> None:
-        e, r = self.role.module, self.role.replica
+        e, r, c = self.role.module, self.role.replica, self.role.copy
         outputs: dict[int, list[torch.Tensor]] = {}
         actions = list(encoder_actions(it.need(e, r), it.llm_stages, self.trains))
         last_b = max((i for i, (kind, _) in enumerate(actions) if kind == "B"), default=-1)
         for i, (kind, k) in enumerate(actions):
             if i == last_b and before_last_backward:
                 before_last_backward()
-            units = it.enc_mb.get((e, r, k), [])
+            units = it.copy_units(e, r, k, c)
             t0 = time.perf_counter()
             if kind == "F":
                 with torch.set_grad_enabled(self.trains), self.compute():
@@ -89,14 +89,14 @@ class EncoderWorker:
                 outputs[k] = embs
                 stats.timed(f"F{k}", t0)
                 if self.trains:  # the gradients of these units will come back: post for them
-                    for dest, j in it.grad_sources(e, r, k):
-                        mail.expect(embed_grad_key(e, r, k, dest, j))
-                for dest, us in it.sends_of(e, r, k).items():
-                    mail.send(embed_key(e, r, k, dest), [by_unit[u] for u in us])
+                    for dest, j in it.grad_sources(e, r, k, c):
+                        mail.expect(embed_grad_key(e, r, k, dest, j, c))
+                for dest, us in it.sends_of(e, r, k, c).items():
+                    mail.send(embed_key(e, r, k, dest, c), [by_unit[u] for u in us])
             else:
                 grads: dict[int, torch.Tensor] = {}
-                for dest, j in it.grad_sources(e, r, k):
-                    meta, tensors = mail.recv(embed_grad_key(e, r, k, dest, j))
+                for dest, j in it.grad_sources(e, r, k, c):
+                    meta, tensors = mail.recv(embed_grad_key(e, r, k, dest, j, c))
                     grads.update(zip(meta, tensors))
                 t0 = time.perf_counter()
                 if units:
@@ -164,8 +164,8 @@ class LLMWorker:
                 if s == 0:
                     for src in it.embed_sources(r, j):
                         if src not in got:
-                            e, rs, k = src
-                            meta, tensors = mail.recv(embed_key(e, rs, k, r))
+                            e, rs, k, c = src
+                            meta, tensors = mail.recv(embed_key(e, rs, k, r, c))
                             for u, t in zip(meta, tensors):
                                 received[(e, u)] = t.requires_grad_(self.encoder_trains[e])
                             got.add(src)
@@ -231,9 +231,9 @@ class LLMWorker:
         if s > 0:
             mail.expect(act_key(r, s - 1, j))
             return
-        for e, rs, k in it.embed_sources(r, j):
-            if (e, rs, k) not in got:
-                mail.expect(embed_key(e, rs, k, r))
+        for e, rs, k, c in it.embed_sources(r, j):
+            if (e, rs, k, c) not in got:
+                mail.expect(embed_key(e, rs, k, r, c))
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]
@@ -242,9 +242,9 @@ class LLMWorker:
     def _return_embedding_grads(
         self, it: IterationPlan, r: int, j: int, received: dict, mail: Mailbox
     ) -> None:
-        for (e, rs, k), us in it.embed_sources(r, j).items():
+        for (e, rs, k, c), us in it.embed_sources(r, j).items():
             if not self.encoder_trains[e]:
                 continue
-            mail.send(embed_grad_key(e, rs, k, r, j), [_grad(received[(e, u)]) for u in us])
+            mail.send(embed_grad_key(e, rs, k, r, j, c), [_grad(received[(e, u)]) for u in us])
             for u in us:
                 received.pop((e, u), None)

@@ -48,6 +48,8 @@ class IterationPlan:
     """Per sample: its LLM sequence length."""
     value_bytes: int = 4
     """Bytes of one value on the wire (4 for fp32 messages, 2 for bf16)."""
+    unit_copy: dict[str, list[int]] = field(default_factory=dict)
+    """Per encoder and unit: which of the encoder's copies in its replica encodes it."""
 
     @staticmethod
     def build(
@@ -57,7 +59,10 @@ class IterationPlan:
         llm_stages: int,
         item_modality,
         value_bytes: int = 4,
+        copies: dict[str, int] | None = None,
     ) -> IterationPlan:
+        """`copies`: encoders on several ranks per replica (ParallelPlan.encoder_dp); each of
+        their microbatches' units are split among the copies by cost."""
         units: dict[str, list[UnitRef]] = {}
         prefix: list[list[tuple[str, int]]] = [[] for _ in range(batch.n_samples)]
         for enc in spec.encoders:
@@ -96,6 +101,16 @@ class IterationPlan:
             plan.llm_mb.setdefault((int(asg.sample_replica[s]), int(asg.sample_mb[s])), []).append(
                 s
             )
+        copies = copies or {}
+        for e, refs in units.items():
+            plan.unit_copy[e] = [0] * len(refs)
+            n = copies.get(e, 1)
+            if n > 1:
+                cost = batch.units[e].cost
+                for (name, _, _), us in plan.enc_mb.items():
+                    if name == e:
+                        for u, c in zip(us, split_by_cost(cost[us], n)):
+                            plan.unit_copy[e][u] = c
         return plan
 
     def embed_cap(self, encoder: str, units: list[int]) -> int:
@@ -115,28 +130,43 @@ class IterationPlan:
         s = self.units[encoder][unit].sample
         return int(self.asg.sample_replica[s]), int(self.asg.sample_mb[s])
 
-    def sends_of(self, encoder: str, replica: int, mb: int) -> dict[int, list[int]]:
-        """Units of encoder microbatch (replica, mb), grouped by the LLM replica they feed."""
+    def copy_units(self, encoder: str, replica: int, mb: int, copy: int = 0) -> list[int]:
+        """The units of encoder microbatch (replica, mb) that `copy` encodes."""
+        owner = self.unit_copy.get(encoder)
+        units = self.enc_mb.get((encoder, replica, mb), [])
+        return units if not owner else [u for u in units if owner[u] == copy]
+
+    def sends_of(self, encoder: str, replica: int, mb: int, copy: int = 0) -> dict[int, list[int]]:
+        """Units `copy` encodes in encoder microbatch (replica, mb), grouped by the LLM
+        replica they feed."""
         out: dict[int, list[int]] = defaultdict(list)
-        for u in self.enc_mb.get((encoder, replica, mb), []):
+        for u in self.copy_units(encoder, replica, mb, copy):
             out[self.unit_dest(encoder, u)[0]].append(u)
         return dict(out)
 
-    def grad_sources(self, encoder: str, replica: int, mb: int) -> dict[tuple[int, int], list[int]]:
-        """Units of encoder microbatch (replica, mb), grouped by the LLM (replica, microbatch)
-        that returns their gradients."""
+    def grad_sources(
+        self, encoder: str, replica: int, mb: int, copy: int = 0
+    ) -> dict[tuple[int, int], list[int]]:
+        """Units `copy` encodes in encoder microbatch (replica, mb), grouped by the LLM
+        (replica, microbatch) that returns their gradients."""
         out: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for u in self.enc_mb.get((encoder, replica, mb), []):
+        for u in self.copy_units(encoder, replica, mb, copy):
             out[self.unit_dest(encoder, u)].append(u)
         return dict(out)
 
-    def embed_sources(self, replica: int, mb: int) -> dict[tuple[str, int, int], list[int]]:
-        """For LLM microbatch (replica, mb): the encoder microbatches (encoder, replica, k)
-        holding its samples' units, with those units."""
-        out: dict[tuple[str, int, int], list[int]] = defaultdict(list)
+    def embed_sources(self, replica: int, mb: int) -> dict[tuple[str, int, int, int], list[int]]:
+        """For LLM microbatch (replica, mb): the encoder microbatches and copies
+        (encoder, replica, k, copy) holding its samples' units, with those units."""
+        out: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)
         for s in self.llm_mb.get((replica, mb), []):
             for e, u in self.prefix[s]:
-                out[(e, int(self.asg.unit_replica[e][u]), int(self.asg.unit_mb[e][u]))].append(u)
+                key = (
+                    e,
+                    int(self.asg.unit_replica[e][u]),
+                    int(self.asg.unit_mb[e][u]),
+                    self.unit_copy[e][u] if self.unit_copy.get(e) else 0,
+                )
+                out[key].append(u)
         return dict(out)
 
     def need(self, encoder: str, replica: int) -> np.ndarray:
@@ -147,3 +177,15 @@ class IterationPlan:
             for u in self.enc_mb.get((encoder, replica, k), []):
                 out[k] = max(out[k], self.unit_dest(encoder, u)[1])
         return out
+
+
+def split_by_cost(cost: np.ndarray, copies: int) -> list[int]:
+    """Which of `copies` ranks takes each unit: largest first to the least loaded (ties to
+    the lower copy), so the copies of an encoder finish a microbatch together."""
+    load = np.zeros(copies)
+    out = [0] * len(cost)
+    for i in np.argsort(-np.asarray(cost, dtype=np.float64), kind="stable"):
+        c = int(np.argmin(load))
+        out[int(i)] = c
+        load[c] += cost[i]
+    return out

@@ -85,6 +85,9 @@ class TrainConfig:
     precision: str = "auto"
     """fp32, or bf16 compute (autocast) with fp32 weights and optimizer state, bf16 messages
     between ranks; auto: bf16 on GPUs, fp32 on the CPU."""
+    encoder_copies: str = ""
+    """Encoders on several ranks per replica, e.g. "vision=2": each copy encodes a share of
+    every encoder microbatch (split by cost), their gradients summed with the replicas'."""
     shard_optimizer: bool = True
     """ZeRO-1: with dp > 1, each replica of a module keeps the AdamW state of 1/dp of its
     parameters (runtime/optim.py)."""
@@ -177,6 +180,7 @@ class TrainConfig:
             self.init_from = None
         self._check_optim()
         recompute_of(self.recompute)  # refuses a bad value now, not on the ranks
+        copies_of(self.encoder_copies)
         if self.data_workers < 0:
             raise ValueError(f"--data-workers must be >= 0, got {self.data_workers}")
         if self.cache_mb is not None and not self.cache_mb >= 0:
@@ -207,6 +211,46 @@ def _finite(name: str, value: float, low: float = 0.0) -> None:
         raise ValueError(
             f"--{name.replace('_', '-')} must be a finite number >= {low}, got {value!r}"
         )
+
+
+def copies_of(text: str) -> dict[str, int]:
+    """--encoder-copies as {encoder: copies}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, _, n = part.partition("=")
+        if not name or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--encoder-copies must be ENCODER=N,... with N >= 1, got {text!r}")
+        out[name] = int(n)
+    return out
+
+
+def run_layout(cfg: TrainConfig, encoders: list[str], world: int) -> ParallelPlan:
+    """The run's parallel plan for `world` processes: per replica, each encoder's copies,
+    then the LLM's stages (--pp, default: the ranks left); one clear error when the
+    processes cannot hold it."""
+    copies = copies_of(cfg.encoder_copies)
+    unknown = sorted(set(copies) - set(encoders))
+    if unknown:
+        raise ValueError(
+            f"--encoder-copies names {', '.join(unknown)}, which the model has no encoder "
+            f"for (its encoders: {', '.join(encoders) or 'none'})"
+        )
+    enc_ranks = sum(copies.get(e, 1) for e in encoders)
+    per_replica, rest = divmod(world, cfg.dp)
+    pp = cfg.pp or per_replica - enc_ranks
+    if rest or pp < 1 or per_replica != enc_ranks + pp:
+        what = " + ".join(f"{copies.get(e, 1)} {e}" for e in encoders) or "no encoders"
+        raise ValueError(
+            f"{world} processes cannot hold dp={cfg.dp} replicas of [{what}] + {pp} LLM "
+            f"stage(s); use {cfg.dp * (enc_ranks + max(pp, 1))} processes"
+        )
+    return ParallelPlan(
+        dp=cfg.dp,
+        llm_pp=pp,
+        microbatches=cfg.microbatches,
+        encoder_tp={e: 1 for e in encoders},
+        encoder_dp={e: n for e, n in copies.items() if n > 1},
+    )
 
 
 def recompute_of(text: str) -> dict[str, str]:
@@ -361,6 +405,7 @@ def make_step(
     llm_stages: int,
     cost_model: CostModel | None = None,
     value_bytes: int = 4,
+    copies: dict[str, int] | None = None,
 ) -> Step:
     """Step `step`'s samples, costs, assignment and plan (`value_bytes`: of a value on the
     wire, which sizes the transfers)."""
@@ -376,7 +421,9 @@ def make_step(
         cfg.pool,
         max_deferred_tokens=cfg.max_deferred_tokens,
     )
-    plan = IterationPlan.build(batch, asg, data.spec, llm_stages, item_locator(w), value_bytes)
+    plan = IterationPlan.build(
+        batch, asg, data.spec, llm_stages, item_locator(w), value_bytes, copies
+    )
     return Step(indices, batch, asg, plan)
 
 

@@ -55,11 +55,11 @@ from entrain.runtime.setup import (
     profile_of,
     recompute_of,
     resolve_lookahead,
+    run_layout,
     source_of,
 )
 from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule import replica_pool
-from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.manifest import read_manifest
 
 
@@ -102,16 +102,7 @@ class Trainer:
         self.source = source_of(cfg)
         self.spec = self.source.spec
         encoders = [e.name for e in self.spec.encoders]
-        per_replica, rest = divmod(world, cfg.dp)
-        pp = cfg.pp or per_replica - len(encoders)
-        if rest or pp < 1 or per_replica != len(encoders) + pp:
-            raise ValueError(
-                f"{world} processes cannot hold dp={cfg.dp} replicas of {len(encoders)} encoder(s) "
-                f"+ {pp} LLM stage(s); use {cfg.dp * (len(encoders) + max(pp, 1))} processes"
-            )
-        self.plan = ParallelPlan(
-            dp=cfg.dp, llm_pp=pp, microbatches=cfg.microbatches, encoder_tp={e: 1 for e in encoders}
-        )
+        self.plan = run_layout(cfg, encoders, world)
         self.roles = roles(self.plan, encoders)
         self.role = self.roles[rank]
         self.trains = {e.name: not e.frozen for e in self.spec.encoders}
@@ -188,15 +179,16 @@ class Trainer:
         )
 
     def _dp_groups(self):
-        """A process group per module group (the same module across replicas); every rank
-        creates every group, in the same order, as torch.distributed requires."""
+        """A process group per module group (the same module across replicas and copies)
+        that has more than one rank; every rank creates every group, in the same order, as
+        torch.distributed requires."""
         mine = None
-        if self.plan.dp == 1:
-            return None
         for module in [e.name for e in self.spec.encoders] + [
             f"llm.s{s}" for s in range(self.plan.llm_pp)
         ]:
             ranks = [i for i, r in enumerate(self.roles) if r.name == module]
+            if len(ranks) == 1:
+                continue
             g = dist.new_group(ranks)
             if self.role.name == module:
                 mine = g
@@ -227,13 +219,14 @@ class Trainer:
             self.plan.llm_pp,
             self.cost_model,
             wire_dtype(self.precision).itemsize,
+            self.plan.encoder_dp,
         )
         if self.role.module != "llm":  # start decoding the inputs this rank will encode
-            e, r, M = self.role.module, self.role.replica, self.cfg.microbatches
+            e, r, c = self.role.module, self.role.replica, self.role.copy
             self.data.loader.want(
-                self.data.key(int(st.indices[ref.sample]), st.plan.units[e][u])
-                for k in range(M)
-                for u in st.plan.enc_mb.get((e, r, k), [])
+                self.data.key(int(st.indices[ref.sample]), ref)
+                for k in range(self.cfg.microbatches)
+                for u in st.plan.copy_units(e, r, k, c)
                 for ref in (st.plan.units[e][u],)
             )
         return Prepared(
@@ -330,7 +323,7 @@ class Trainer:
         same summed gradient (replica 0 counts it), a tied embedding's second copy (on the
         last stage) is left out."""
         counted = []
-        if self.role.replica == 0:
+        if self.role.replica == 0 and self.role.copy == 0:
             counted = [
                 p for p in self.named.values()
                 if p.requires_grad and not (p is self.tied and self.role.stage != 0)
@@ -431,7 +424,7 @@ class Trainer:
 
     def save_params(self, out: Path) -> None:
         """This rank's parameters after the last step, and that step's (clipped) gradients."""
-        if self.role.replica == 0:
+        if self.role.replica == 0 and self.role.copy == 0:
             torch.save(
                 {n: p.detach().cpu().clone() for n, p in self.named.items()},
                 out / f"params-{self.role.name}.pt",

@@ -22,43 +22,46 @@ from entrain.schedule.pipeline import encoder_actions, one_f_one_b
 
 @dataclass(frozen=True)
 class Role:
-    """What a rank holds: an encoder (stage is 0) or an LLM stage, in one replica."""
+    """What a rank holds: an encoder copy (stage is 0) or an LLM stage, in one replica."""
 
     module: str
     replica: int
     stage: int = 0
+    copy: int = 0
+    """Which of the encoder's copies in the replica (ParallelPlan.encoder_dp)."""
 
     @property
     def name(self) -> str:
+        """The module group: every copy and replica of a module shares it (and sums
+        gradients in it)."""
         return self.module if self.module != "llm" else f"llm.s{self.stage}"
 
 
 def roles(plan: ParallelPlan, encoders: list[str]) -> list[Role]:
-    """The role of every rank, rank order (ParallelPlan's layout: per replica, encoders, then
-    LLM stages). The runtime runs each encoder and each stage on one rank (TP 1, one copy)."""
-    if (
-        plan.llm_tp != 1
-        or any(tp != 1 for tp in plan.encoder_tp.values())
-        or any(d != 1 for d in plan.encoder_dp.values())
-    ):
+    """The role of every rank, rank order (ParallelPlan's layout: per replica, each
+    encoder's copies, then LLM stages). The runtime runs each copy of an encoder and each LLM
+    stage on one rank (no tensor parallelism yet)."""
+    if plan.llm_tp != 1 or any(tp != 1 for tp in plan.encoder_tp.values()):
         raise ValueError(
-            "the runtime runs every module group on one rank per replica (TP 1, one copy)"
+            f"the runtime has no tensor parallelism yet: plan {plan.describe()} asks for TP > 1"
         )
     out = []
     for r in range(plan.dp):
-        out += [Role(e, r) for e in encoders]
+        for e in encoders:
+            out += [Role(e, r, copy=c) for c in range(plan.encoder_dp.get(e, 1))]
         out += [Role("llm", r, s) for s in range(plan.llm_pp)]
     return out
 
 
-def embed_key(encoder: str, replica: int, k: int, dest: int) -> tuple:
-    """Embeddings of encoder microbatch k of `replica` for the LLM of replica `dest`."""
-    return ("embed", encoder, replica, k, dest)
+def embed_key(encoder: str, replica: int, k: int, dest: int, copy: int = 0) -> tuple:
+    """Embeddings of encoder microbatch k of `replica` (the share of its `copy`) for the LLM
+    of replica `dest`."""
+    return ("embed", encoder, replica, k, dest, copy)
 
 
-def embed_grad_key(encoder: str, replica: int, k: int, dest: int, j: int) -> tuple:
+def embed_grad_key(encoder: str, replica: int, k: int, dest: int, j: int, copy: int = 0) -> tuple:
     """Their gradients from LLM microbatch j of replica `dest`."""
-    return ("embed_grad", encoder, replica, k, dest, j)
+    return ("embed_grad", encoder, replica, k, dest, j, copy)
 
 
 def act_key(replica: int, stage: int, j: int) -> tuple:
@@ -109,19 +112,19 @@ def sends(
     P, M = it.llm_stages, it.asg.microbatches
     out: list[Transfer] = []
     if role.module != "llm":
-        e, r = role.module, role.replica
+        e, r, c = role.module, role.replica, role.copy
         for kind, k in encoder_actions(it.need(e, r), P, trains[e]):
             if kind != "F":
                 continue
-            for d, us in it.sends_of(e, r, k).items():
+            for d, us in it.sends_of(e, r, k, c).items():
                 out.append(
                     Transfer(
-                        embed_key(e, r, k, d),
+                        embed_key(e, r, k, d, c),
                         me,
                         rank[Role("llm", d, 0)],
                         tuple(us),
                         it.embed_cap(e, us),
-                        f"{e} embeddings of encoder microbatch {k} (replica {r})",
+                        f"{e} embeddings of encoder microbatch {k} (replica {r}, copy {c})",
                     )
                 )
         return out
@@ -151,16 +154,16 @@ def sends(
                 )
             )
         elif kind == "B":
-            for (e, rs, k), us in it.embed_sources(r, j).items():
+            for (e, rs, k, c), us in it.embed_sources(r, j).items():
                 if trains[e]:
                     out.append(
                         Transfer(
-                            embed_grad_key(e, rs, k, r, j),
+                            embed_grad_key(e, rs, k, r, j, c),
                             me,
-                            rank[Role(e, rs)],
+                            rank[Role(e, rs, copy=c)],
                             tuple(us),
                             it.embed_cap(e, us),
-                            f"gradients of {e} microbatch {k} (replica {rs}) "
+                            f"gradients of {e} microbatch {k} (replica {rs}, copy {c}) "
                             f"from LLM microbatch {j} (replica {r})",
                         )
                     )

@@ -1,0 +1,74 @@
+"""Encoder copies: an encoder on several ranks of a replica, each encoding a share of every
+encoder microbatch split by cost, their gradients summed with the replicas'; every policy
+ends the step as the single-process reference does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from runtime_helpers import assert_matches_reference, train
+
+from entrain.runtime.demo_data import make_demo_data
+from entrain.runtime.iteration import split_by_cost
+from entrain.runtime.setup import TrainConfig
+from entrain.schedule import POLICIES
+
+pytestmark = pytest.mark.timeout(600)
+TINY_VISION = str(Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-vision.yaml")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    return make_demo_data(tmp_path_factory.mktemp("demo"), 40, seed=1)
+
+
+def test_split_by_cost_by_hand():
+    # largest first to the least loaded: 5 -> 0; 4 -> 1; 3 -> 1 (4 < 5); 3 -> 0 (5 < 7);
+    # 1 -> 1 (7 < 8): loads 8 and 8
+    assert split_by_cost(np.array([5.0, 4.0, 3.0, 3.0, 1.0]), 2) == [0, 1, 1, 0, 1]
+    assert split_by_cost(np.array([2.0, 2.0]), 3) == [0, 1]
+    assert split_by_cost(np.array([]), 2) == []
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_vision_on_two_ranks_equals_the_reference(demo, tmp_path, policy):
+    """4 ranks: 2 vision copies, audio, LLM."""
+    train(demo, tmp_path, 4, "--encoder-copies", "vision=2", "--policy", policy,
+          "--steps", "1", "--global-batch", "10", "--microbatches", "3")  # fmt: skip
+    cfg = TrainConfig(data=str(demo), policy=policy, steps=1, global_batch=10, microbatches=3,
+                      encoder_copies="vision=2")  # fmt: skip
+    assert_matches_reference(tmp_path, cfg)
+
+
+def test_copies_and_replicas_together(tmp_path):
+    """2 replicas x (2 vision copies + LLM): gradients summed over all four vision ranks,
+    AdamW state sharded over them, two steps equal to the reference."""
+    data = make_demo_data(tmp_path / "data", 24, seed=5, audio_share=0.0)
+    train(data, tmp_path / "run", 6, "--model", TINY_VISION, "--dp", "2", "--encoder-copies",
+          "vision=2", "--steps", "2", "--global-batch", "8", "--microbatches", "2")  # fmt: skip
+    cfg = TrainConfig(data=str(data), model=TINY_VISION, dp=2, steps=2, global_batch=8,
+                      microbatches=2, encoder_copies="vision=2")  # fmt: skip
+    assert_matches_reference(tmp_path / "run", cfg)
+
+
+@pytest.mark.parametrize(
+    "copies, nproc, says",
+    [
+        ("vision=2", 3, "3 processes cannot hold dp=1 replicas of [2 vision + 1 audio]"),
+        ("video=2", 4, "--encoder-copies names video, which the model has no encoder for"),
+        ("vision=0", 4, "--encoder-copies must be ENCODER=N"),
+    ],
+)
+def test_a_layout_the_ranks_cannot_hold_is_one_line(demo, tmp_path, copies, nproc, says):
+    res = subprocess.run(
+        [sys.executable, "-m", "entrain", "train", "--data", str(demo), "--nproc", str(nproc),
+         "--encoder-copies", copies, "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and says in lines[0], res.stderr
