@@ -46,7 +46,7 @@ def planned(omni, omni_batches):
 @pytest.mark.parametrize("gpus", [4, 8, 16, 24])
 @pytest.mark.parametrize("gpus_per_node", [8, 4])
 def test_enumerate_plans_use_all_gpus(omni, gpus, gpus_per_node):
-    cfg = PlannerConfig(gpus=gpus, global_batch=256, microbatch_samples=8)
+    cfg = PlannerConfig(gpus=gpus, global_batch=256, microbatch_samples=8, tp_options=(1, 2, 4, 8))
     plans = enumerate_plans(omni, cfg, gpus_per_node)
     assert plans
     assert len({p.describe() for p in plans}) == len(plans)  # no duplicates
@@ -68,7 +68,7 @@ def test_enumerate_plans_text_only():
             hidden_size=8, num_hidden_layers=4, num_attention_heads=2, intermediate_size=16
         ),
     )
-    cfg = PlannerConfig(gpus=8, global_batch=64)
+    cfg = PlannerConfig(gpus=8, global_batch=64, tp_options=(1, 2, 4, 8))
     plans = enumerate_plans(spec, cfg, 8)
     assert plans
     assert all(p.encoder_tp == {} and p.dp * p.llm_pp * p.llm_tp == 8 for p in plans)
@@ -240,3 +240,19 @@ def test_chrome_trace(omni, omni_batches, tmp_path):
         max(e["ts"] + e["dur"] for e in loaded["traceEvents"] if e["ph"] == "X"),
         max(end for *_, end in res.events) * 1e6,
     )
+
+
+@pytest.mark.parametrize("model", ["omni-7b", "qwen2-vl-7b", "tiny"])
+@pytest.mark.parametrize("gpus", [4, 12, 32])
+def test_the_runtime_accepts_every_plan_the_planner_emits(model, gpus):
+    """With its defaults the planner enumerates only layouts `entrain train` runs: every one
+    maps onto ranks (encoder copies included) without the runtime refusing it."""
+    from entrain.models import load_spec
+    from entrain.runtime.transfers import roles
+
+    spec = load_spec(model)
+    plans = enumerate_plans(spec, PlannerConfig(gpus=gpus, global_batch=256), 8)
+    assert plans
+    encoders = [e.name for e in spec.encoders]
+    for p in plans:
+        assert len(roles(p, encoders)) == gpus, p.describe()

@@ -285,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--iterations", type=int, default=4, help="global batches to sample (default 4)"
         )
+        sp.add_argument(
+            "--tp",
+            default="1",
+            metavar="DEGREES",
+            help="tensor-parallel degrees to consider, e.g. 1,2,4,8 (default 1: the layouts "
+            "`entrain train` runs; larger degrees are simulated only)",
+        )
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "plan":
             sp.add_argument(

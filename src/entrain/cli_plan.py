@@ -37,8 +37,35 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
         global_batch=gb,
         microbatch_samples=args.microbatch_size,
         policy=getattr(args, "policy", "entrain"),
+        tp_options=_tp_options(args.tp),
     )
     return spec, hw, batches, cfg, unit
+
+
+def _tp_options(text: str) -> tuple[int, ...]:
+    try:
+        tps = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise UserError(f"--tp must be a comma-separated list of integers, got {text!r}") from None
+    if not tps or tps[0] < 1:
+        raise UserError(f"--tp must list degrees >= 1, got {text!r}")
+    return tps
+
+
+def train_flags(plan) -> str | None:
+    """The `entrain train` flags that run `plan` (None: the runtime cannot, TP > 1)."""
+    if plan.llm_tp != 1 or any(t != 1 for t in plan.encoder_tp.values()):
+        return None
+    flags = [f"--nproc {plan.world_size}", f"--dp {plan.dp}", f"--pp {plan.llm_pp}",
+             f"--microbatches {plan.microbatches}"]  # fmt: skip
+    copies = ",".join(f"{e}={n}" for e, n in plan.encoder_dp.items() if n > 1)
+    if copies:
+        flags.append(f"--encoder-copies {copies}")
+    ahead = plan.encoder_lookahead
+    flags.append(f"--lookahead {'unlimited' if ahead is None else ahead}")
+    if plan.encoder_pool is not None:
+        flags.append(f"--pool {plan.encoder_pool}")
+    return " ".join(flags)
 
 
 def cmd_plan(args: argparse.Namespace, err: Console) -> int:
@@ -54,6 +81,7 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
         "global_batch": cfg.global_batch,
         "policy": cfg.policy,
         **res.to_dict(),
+        "train_flags": train_flags(res.static.plan),
     }
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -82,6 +110,11 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
         f"  {res.feasible} feasible plans, {len(res.simulated)} simulated "
         f"on {len(batches)} batch(es)"
     )
+    flags = train_flags(res.static.plan)
+    if flags:
+        con.print(f"  run it: entrain train ... {flags}")
+    else:
+        con.print("  (tensor parallelism: simulated only; `entrain train` runs TP 1 plans)")
     if args.output:
         con.print(f"  plan written to {escape(str(args.output))}")
     if args.plot:

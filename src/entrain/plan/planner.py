@@ -42,7 +42,10 @@ class PlannerConfig:
     """Samples per microbatch: about 16 is the wide regime, 1-2 the narrow one."""
     policy: str = "entrain"
     """Policy the plans are simulated with."""
-    tp_options: tuple[int, ...] = (1, 2, 4, 8)
+    tp_options: tuple[int, ...] = (1,)
+    """Tensor-parallel degrees tried for the LLM (and, up to 2, for encoders). The default, 1,
+    keeps to layouts `entrain train` runs; larger degrees are for the simulator only (the
+    runtime has no tensor parallelism yet)."""
     pp_options: tuple[int, ...] = tuple(range(1, 17))
     """LLM pipeline stages; layers are split as evenly as the count allows (Megatron's
     uneven split), so any count is a candidate."""

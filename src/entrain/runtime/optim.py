@@ -159,3 +159,17 @@ def local_sq_norm(params: Iterable[nn.Parameter]) -> torch.Tensor:
         if p.grad is not None:
             total += p.grad.detach().double().pow(2).sum().cpu()
     return total
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense bf16 FLOP/s of the rank's device, from the hardware table by the GPU's name
+    (None where it is unknown, or on the CPU: MFU is then not reported)."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    from entrain.cost.hardware import HARDWARE
+
+    name = torch.cuda.get_device_name(device).lower()
+    for key, hw in HARDWARE.items():
+        if key in name:
+            return hw.peak_flops
+    return None

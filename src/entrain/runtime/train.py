@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from entrain.cost.batch import CostedBatch, cost_batch
 from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
@@ -39,6 +40,7 @@ from entrain.runtime.optim import (
     compute_context,
     local_sq_norm,
     optimizer,
+    peak_flops,
     resolve_precision,
     scale_grads,
     set_lr,
@@ -70,6 +72,9 @@ class Prepared:
     loss_tokens: int
     seconds: float
     """How long preparing it took."""
+    flops: float = 0.0
+    """Model FLOPs of the step (forward and backward of every module, analytic; recompute
+    not counted, as MFU is defined)."""
 
 
 class PlanAhead:
@@ -229,11 +234,17 @@ class Trainer:
                 for u in st.plan.copy_units(e, r, k, c)
                 for ref in (st.plan.units[e][u],)
             )
+        flops_batch = (
+            st.batch
+            if self.cost_model is None
+            else cost_batch(self.data.workload.take(st.indices), self.spec)
+        )
         return Prepared(
             st,
             transfers_of(st.plan, self.rank, self.roles, self.trains),
             loss_tokens(self.data, st.indices),
             time.perf_counter() - t0,
+            model_flops(flops_batch),
         )
 
     def step(self, step: int, ahead: PlanAhead | None = None) -> dict:
@@ -282,9 +293,13 @@ class Trainer:
                 data_wait,
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB -> MiB
                 state_bytes(self.opt),
+                torch.cuda.max_memory_allocated(self.device) / 2**20
+                if self.device.type == "cuda"
+                else None,
             ),
         )
         tokens = int(st.batch.llm_tokens.sum())
+        peak = peak_flops(self.device, self.precision)
         return {
             "step": step,
             "loss": float(total) / norm,
@@ -295,7 +310,12 @@ class Trainer:
             "tokens_per_s": tokens / wall,
             "grad_norm": grad_norm,
             "lr": lr,
+            "model_tflops": prepared.flops / wall / 1e12,
+            "mfu": prepared.flops / wall / (peak * self.world) if peak else None,
             "optimizer_state_mb": {f"{b[0]}/r{b[1]}": b[7] / 2**20 for b in busy},
+            "peak_gpu_mb": {f"{b[0]}/r{b[1]}": b[8] for b in busy}
+            if self.device.type == "cuda"
+            else None,
             "data_wait": max(x[5] for x in busy),
             "busy": {f"{b[0]}/r{b[1]}": b[2] for b in busy},
             "idle": {f"{b[0]}/r{b[1]}": wall - plan_wait - b[2] for b in busy},
@@ -457,6 +477,12 @@ def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> No
     dist.init_process_group(
         placement.backend, store=store, rank=rank, world_size=world, timeout=timeout
     )
+
+
+def model_flops(batch: CostedBatch) -> float:
+    """Forward and backward FLOPs of every module on a batch costed in FLOPs."""
+    units = sum(float(u.fwd.sum() + u.bwd.sum()) for u in batch.units.values())
+    return float(batch.llm_fwd.sum() + batch.llm_bwd.sum()) + units
 
 
 def _inject_fault(step: int, rank: int) -> None:
