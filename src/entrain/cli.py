@@ -286,6 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--iterations", type=int, default=4, help="global batches to sample (default 4)"
         )
         sp.add_argument(
+            "--precision",
+            default="bf16",
+            choices=("bf16", "fp32"),
+            help="the run's precision, for its memory (default bf16, as on GPUs)",
+        )
+        sp.add_argument(
+            "--recompute",
+            default="full",
+            choices=("full", "none"),
+            help="whether the run recomputes activations, for its memory (default full)",
+        )
+        sp.add_argument(
             "--tp",
             default="1",
             metavar="DEGREES",
@@ -408,6 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "fp32", "bf16"),
         help="bf16: autocast compute with fp32 weights and AdamW state, bf16 messages "
         "between ranks; auto: bf16 on GPUs, fp32 on the CPU (default)",
+    )
+    tr.add_argument(
+        "--profile-memory",
+        action="store_true",
+        help="measure the last step's peak live tensor bytes on every rank (torch's memory "
+        "profiler; slow) into OUT/memory-RANK.json, to compare with `entrain plan`'s model",
     )
     tr.add_argument(
         "--encoder-copies",

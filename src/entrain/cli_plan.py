@@ -15,6 +15,7 @@ from entrain.cli_common import UserError, progress_bar, stdout_console
 def _planner_inputs(args: argparse.Namespace, err: Console):
     from entrain.cost.hardware import get_hardware
     from entrain.models.load import load_spec
+    from entrain.plan.memory import MemorySettings
     from entrain.plan.planner import PlannerConfig
     from entrain.plan.run import load_batches
 
@@ -38,6 +39,7 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
         microbatch_samples=args.microbatch_size,
         policy=getattr(args, "policy", "entrain"),
         tp_options=_tp_options(args.tp),
+        memory=MemorySettings(precision=args.precision, recompute={"*": args.recompute == "full"}),
     )
     return spec, hw, batches, cfg, unit
 
@@ -52,12 +54,16 @@ def _tp_options(text: str) -> tuple[int, ...]:
     return tps
 
 
-def train_flags(plan) -> str | None:
-    """The `entrain train` flags that run `plan` (None: the runtime cannot, TP > 1)."""
+def train_flags(plan, memory=None) -> str | None:
+    """The `entrain train` flags that run `plan` as its memory was planned (None: the
+    runtime cannot, TP > 1)."""
     if plan.llm_tp != 1 or any(t != 1 for t in plan.encoder_tp.values()):
         return None
     flags = [f"--nproc {plan.world_size}", f"--dp {plan.dp}", f"--pp {plan.llm_pp}",
              f"--microbatches {plan.microbatches}"]  # fmt: skip
+    if memory is not None:
+        flags.append(f"--precision {memory.precision}")
+        flags.append(f"--recompute {'full' if memory.recomputes('llm') else 'none'}")
     copies = ",".join(f"{e}={n}" for e, n in plan.encoder_dp.items() if n > 1)
     if copies:
         flags.append(f"--encoder-copies {copies}")
@@ -81,7 +87,7 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
         "global_batch": cfg.global_batch,
         "policy": cfg.policy,
         **res.to_dict(),
-        "train_flags": train_flags(res.static.plan),
+        "train_flags": train_flags(res.static.plan, cfg.memory),
     }
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -110,7 +116,7 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
         f"  {res.feasible} feasible plans, {len(res.simulated)} simulated "
         f"on {len(batches)} batch(es)"
     )
-    flags = train_flags(res.static.plan)
+    flags = train_flags(res.static.plan, cfg.memory)
     if flags:
         con.print(f"  run it: entrain train ... {flags}")
     else:

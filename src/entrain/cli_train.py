@@ -77,6 +77,7 @@ TRAIN_FLAGS = (
     "recompute",
     "shard_optimizer",
     "encoder_copies",
+    "profile_memory",
 )
 
 

@@ -23,7 +23,7 @@ from entrain.cost.batch import CostedBatch
 from entrain.cost.flops import module_params
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
-from entrain.plan.memory import plan_memory
+from entrain.plan.memory import MemorySettings, plan_memory
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
@@ -62,6 +62,9 @@ class PlannerConfig:
     """Plans simulated after ranking by the closed-form estimate."""
     memory_headroom: float = 0.9
     """Fraction of GPU memory a plan may use."""
+    memory: MemorySettings = field(default_factory=MemorySettings)
+    """What the run will do that memory depends on (precision, recompute, ZeRO-1): the
+    plan's `entrain train` flags say the same."""
 
     def __post_init__(self) -> None:
         if self.gpus < 1 or self.global_batch < 1 or self.microbatch_samples <= 0:
@@ -273,7 +276,8 @@ class Planner:
             per_mb = {
                 m: 1.1 * max(float(t.sum()) / B, float(t.max(initial=0))) for m, t in tokens.items()
             }
-            mem = plan_memory(self.spec, plan, per_mb)
+            settings = dataclasses.replace(self.cfg.memory, lookahead=plan.encoder_lookahead)
+            mem = plan_memory(self.spec, plan, per_mb, settings=settings)
             if max(mem.values()) <= self.hw.memory_bytes * self.cfg.memory_headroom:
                 out.append(plan)
         return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -60,11 +59,8 @@ class EncoderWorker:
         role: Role,
         trains: bool,
         encode: Callable[[list[int]], list[torch.Tensor]],
-        compute: Callable[[], AbstractContextManager] = nullcontext,
     ):
         self.role, self.trains, self.encode = role, trains, encode
-        self.compute = compute
-        """The context forwards run in (bf16 autocast, or nothing)."""
 
     def step(
         self,
@@ -83,7 +79,7 @@ class EncoderWorker:
             units = it.copy_units(e, r, k, c)
             t0 = time.perf_counter()
             if kind == "F":
-                with torch.set_grad_enabled(self.trains), self.compute():
+                with torch.set_grad_enabled(self.trains):
                     embs = self.encode(units) if units else []
                 by_unit = dict(zip(units, embs))
                 outputs[k] = embs
@@ -129,10 +125,8 @@ class LLMWorker:
         sample: Callable[[int], SampleInputs],
         projectors: dict[str, nn.Module],
         encoder_trains: dict[str, bool],
-        compute: Callable[[], AbstractContextManager] = nullcontext,
     ):
         self.role, self.stage, self.sample = role, stage, sample
-        self.compute = compute
         self.projectors, self.encoder_trains = projectors, encoder_trains
 
     def step(
@@ -180,23 +174,22 @@ class LLMWorker:
                     xs = [x.requires_grad_(True) for x in xs]
                 t0 = time.perf_counter()
                 hidden_in, hidden_out, loss = [], [], None
-                with self.compute():  # bf16 autocast, or nothing
-                    for i, smp in enumerate(samples):
-                        inp = self.sample(smp)
-                        if s == 0:
-                            items = span_items(
-                                it, smp, inp.spans, lambda e, u: self._embedding(e, u, received)
-                            )
-                            h = self.stage.embed_sample(inp.ids, inp.spans, items)
-                        else:
-                            h = xs[i].unsqueeze(0)
-                            hidden_in.append(xs[i])
-                        h = self.stage(h, inp.positions)
-                        if self.stage.last:
-                            lo = self.stage.loss(h, inp.labels) / loss_tokens
-                            loss = lo if loss is None else loss + lo
-                        else:
-                            hidden_out.append(h[0])
+                for i, smp in enumerate(samples):
+                    inp = self.sample(smp)
+                    if s == 0:
+                        items = span_items(
+                            it, smp, inp.spans, lambda e, u: self._embedding(e, u, received)
+                        )
+                        h = self.stage.embed_sample(inp.ids, inp.spans, items)
+                    else:
+                        h = xs[i].unsqueeze(0)
+                        hidden_in.append(xs[i])
+                    h = self.stage(h, inp.positions)
+                    if self.stage.last:
+                        lo = self.stage.loss(h, inp.labels) / loss_tokens
+                        loss = lo if loss is None else loss + lo
+                    else:
+                        hidden_out.append(h[0])
                 inputs[j], outs[j] = hidden_in, hidden_out
                 if not self.stage.last:  # the gradients of this microbatch will come back
                     mail.expect(act_grad_key(r, s + 1, j))

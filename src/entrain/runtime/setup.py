@@ -85,6 +85,9 @@ class TrainConfig:
     precision: str = "auto"
     """fp32, or bf16 compute (autocast) with fp32 weights and optimizer state, bf16 messages
     between ranks; auto: bf16 on GPUs, fp32 on the CPU."""
+    profile_memory: bool = False
+    """Measure the last step's peak bytes of live tensors on every rank with torch's memory
+    profiler (OUT/memory-RANK.json): what the planner's memory model is held to."""
     encoder_copies: str = ""
     """Encoders on several ranks per replica, e.g. "vision=2": each copy encodes a share of
     every encoder microbatch (split by cost), their gradients summed with the replicas'."""

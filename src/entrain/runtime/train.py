@@ -162,7 +162,6 @@ class Trainer:
                 lambda units: encode_units(
                     tower, enc, self.data, self.current, units, trains[enc.name], device
                 ),
-                self.compute,
             )
             return
         stage, self.named = source.llm_stage(role.stage, self.plan.llm_pp, device)
@@ -180,7 +179,6 @@ class Trainer:
             lambda i: self.data.inputs(int(self.current.indices[i]), device),
             projectors,
             trains,
-            self.compute,
         )
 
     def _dp_groups(self):
@@ -260,10 +258,13 @@ class Trainer:
         t0 = time.perf_counter()
         loss = 0.0
         arm = self.reducer.arm if self.reducer else None
-        if isinstance(self.worker, EncoderWorker):
-            self.worker.step(st.plan, self.mail, stats, arm)
-        else:
-            loss = self.worker.step(st.plan, self.mail, stats, norm, arm)
+        # one autocast region for the whole step: its cache casts each weight to bf16 once,
+        # not once per microbatch in flight (every cast would live until that backward)
+        with self.compute():
+            if isinstance(self.worker, EncoderWorker):
+                self.worker.step(st.plan, self.mail, stats, arm)
+            else:
+                loss = self.worker.step(st.plan, self.mail, stats, norm, arm)
         self.mail.flush()
         data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
@@ -479,6 +480,47 @@ def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> No
     )
 
 
+class MemoryPeak:
+    """The peak bytes of live tensors during a step, with torch's memory profiler (it tracks
+    the CPU and GPU allocators and knows parameters, gradients and optimizer state that
+    existed before). What the planner's memory model is held to (tests/test_memory.py)."""
+
+    def __enter__(self) -> MemoryPeak:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + (
+            [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        )
+        self.prof = profile(
+            activities=acts, profile_memory=True, record_shapes=True, with_stack=True
+        )
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.prof.__exit__(*exc)
+
+    def peak(self, device: str) -> tuple[int, dict[str, int]]:
+        """The peak bytes, and what they were at that moment by the profiler's category."""
+        from torch.profiler._memory_profiler import (
+            _CATEGORY_TO_INDEX,
+            MemoryProfileTimeline,
+        )
+
+        _, sizes = MemoryProfileTimeline(self.prof._memory_profile())._coalesce_timeline(device)
+        if not sizes:
+            return 0, {}
+        row = max(sizes, key=sum)
+        names = {i + 1: (c.name.lower() if c else "unknown") for c, i in _CATEGORY_TO_INDEX.items()}
+        return int(sum(row)), {names.get(i, str(i)): int(v) for i, v in enumerate(row) if v}
+
+    def save(self, path: Path, **about) -> None:
+        device = "cuda:0" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
+        about["peak_bytes"], about["at_peak"] = self.peak(device)
+        about["device"] = device
+        path.write_text(json.dumps(about) + "\n", encoding="utf-8")
+
+
 def model_flops(batch: CostedBatch) -> float:
     """Forward and backward FLOPs of every module on a batch costed in FLOPs."""
     units = sum(float(u.fwd.sum() + u.bwd.sum()) for u in batch.units.values())
@@ -554,7 +596,13 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     ahead = PlanAhead(trainer.prepare, cfg.steps)
     try:
         for step in range(start, cfg.steps):
-            m = trainer.step(step, ahead)
+            if cfg.profile_memory and out and step == cfg.steps - 1:
+                with MemoryPeak() as peak:
+                    m = trainer.step(step, ahead)
+                peak.save(out / f"memory-{rank}.json", rank=rank, role=trainer.role.name,
+                          replica=trainer.role.replica, copy=trainer.role.copy)  # fmt: skip
+            else:
+                m = trainer.step(step, ahead)
             events = m.pop("_events")
             consumed = m.pop("_samples")
             history.append(m)
