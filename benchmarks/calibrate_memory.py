@@ -129,10 +129,6 @@ def main() -> None:
                   f"+ {coef[2]:.1f} kv   (worst fit error {100 * err:.1f}%)")  # fmt: skip
 
 
-if __name__ == "__main__":
-    main()
-
-
 def stems() -> None:
     """Bytes per encoder position outside the blocks (stem, merger or projector): a one-layer
     tower less one layer, as the runtime calls it (a trained encoder: through its projector)."""
@@ -142,7 +138,7 @@ def stems() -> None:
             ctx = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
         for name, case in (("vit", vit_tower_case), ("whisper", whisper_tower_case)):
             rows = []
-            for h, i, heads, kv in SHAPES:
+            for h, i, heads, _kv in SHAPES:
                 one, two = case(h, i, heads, ctx, 1), case(h, i, heads, ctx, 2)
                 rows.append((h, 2 * one - two))
             print(prec, name, "outside the blocks, bytes/position:",
@@ -181,4 +177,5 @@ def whisper_tower_case(h, i, heads, ctx, layers):
 
 
 if __name__ == "__main__":
+    main()
     stems()
