@@ -183,12 +183,13 @@ def _stage_range(layers: int, stages: int, stage: int) -> tuple[int, int]:
 
 def _stem_bytes(e) -> float:
     """Bytes per encoder position held outside the blocks, in fp32: a ViT's patch pixels
-    (twice: the microbatch's input and the copy its patch convolution keeps; measured with
-    torch's memory profiler) and its merger (a norm over each patch, an MLP over groups of
-    merge^2 patches); a Whisper encoder's two convolutions (two mel frames in, two widths
-    out, their GELUs, a position embedding added) and its pooling projector."""
+    (the microbatch's input, which its patch convolution keeps) and its merger (a norm over
+    each patch, an MLP over groups of merge^2 patches); a Whisper encoder's two convolutions
+    (two mel frames in, two widths out, their GELUs, a position embedding added) and its
+    pooling projector. The decoded inputs the loader caches are not counted: --cache-mb
+    bounds them."""
     h = e.encoder.hidden_size
     if isinstance(e, VisionSpec):
         pixels = e.num_channels * e.temporal_patch_size * e.patch_size**2
-        return 4 * (2 * pixels + 3 * h + 2 * e.projector_hidden / e.merge_size**2)
+        return 4 * (pixels + 3 * h + 2 * e.projector_hidden / e.merge_size**2)
     return 4 * (2 * e.n_mels + 6 * h + h + 2 * e.projector_hidden / e.downsample)

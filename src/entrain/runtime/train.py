@@ -338,6 +338,13 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
             self._all_reduce(p.grad, self.tie_group)
 
+    def tensor_bytes(self) -> int:
+        """Bytes of this rank's parameters (each once), gradients and optimizer state."""
+        params = {id(p): p for p in self.named.values()}.values()
+        total = sum(p.numel() * p.element_size() for p in params)
+        total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        return total + state_bytes(self.opt)
+
     def _clip_grads(self) -> float:
         """The global gradient norm over the whole model, and every rank's gradients scaled
         to `--clip-grad` when it is larger. Each parameter counts once: replicas hold the
@@ -481,9 +488,14 @@ def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> No
 
 
 class MemoryPeak:
-    """The peak bytes of live tensors during a step, with torch's memory profiler (it tracks
-    the CPU and GPU allocators and knows parameters, gradients and optimizer state that
-    existed before). What the planner's memory model is held to (tests/test_memory.py)."""
+    """The peak bytes of live tensors during a step: what was live when it started (this
+    rank's parameters and optimizer state, `baseline`) plus the highest running sum of the
+    allocations and frees torch's profiler records in it (the CPU allocator's, or the GPU's).
+    What the planner's memory model is held to (tests/test_memory.py). Categories by torch's
+    memory profiler are added when its analysis of the step succeeds (it is best effort)."""
+
+    def __init__(self, baseline: int = 0):
+        self.baseline = baseline
 
     def __enter__(self) -> MemoryPeak:
         from torch.profiler import ProfilerActivity, profile
@@ -500,23 +512,40 @@ class MemoryPeak:
     def __exit__(self, *exc) -> None:
         self.prof.__exit__(*exc)
 
-    def peak(self, device: str) -> tuple[int, dict[str, int]]:
-        """The peak bytes, and what they were at that moment by the profiler's category."""
-        from torch.profiler._memory_profiler import (
-            _CATEGORY_TO_INDEX,
-            MemoryProfileTimeline,
-        )
+    def peak(self, device: str) -> int:
+        from torch._C._profiler import _EventType
 
-        _, sizes = MemoryProfileTimeline(self.prof._memory_profile())._coalesce_timeline(device)
-        if not sizes:
-            return 0, {}
-        row = max(sizes, key=sum)
+        events = []
+        stack = list(self.prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            e = stack.pop()
+            if e.tag == _EventType.Allocation and str(e.extra_fields.device).startswith(device):
+                events.append((e.start_time_ns, e.extra_fields.alloc_size))
+            stack.extend(e.children)
+        live = top = 0
+        for _, size in sorted(events):
+            live += size
+            top = max(top, live)
+        return self.baseline + top
+
+    def categories(self, device: str) -> dict[str, int]:
+        """Bytes by category at the peak, by torch's memory profiler (empty when its
+        analysis fails, as it does on some steps)."""
+        try:
+            from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
+
+            timeline = MemoryProfileTimeline(self.prof._memory_profile())
+            _, sizes = timeline._coalesce_timeline(device)
+        except (AssertionError, RuntimeError, KeyError, ValueError):
+            return {}
+        row = max(sizes, key=sum) if sizes else []
         names = {i + 1: (c.name.lower() if c else "unknown") for c, i in _CATEGORY_TO_INDEX.items()}
-        return int(sum(row)), {names.get(i, str(i)): int(v) for i, v in enumerate(row) if v}
+        return {names.get(i, str(i)): int(v) for i, v in enumerate(row) if v}
 
     def save(self, path: Path, **about) -> None:
-        device = "cuda:0" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
-        about["peak_bytes"], about["at_peak"] = self.peak(device)
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
+        about["peak_bytes"] = self.peak(device)
+        about["at_peak"] = self.categories("cuda:0" if device == "cuda" else "cpu")
         about["device"] = device
         path.write_text(json.dumps(about) + "\n", encoding="utf-8")
 
@@ -597,7 +626,7 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     try:
         for step in range(start, cfg.steps):
             if cfg.profile_memory and out and step == cfg.steps - 1:
-                with MemoryPeak() as peak:
+                with MemoryPeak(trainer.tensor_bytes()) as peak:
                     m = trainer.step(step, ahead)
                 peak.save(out / f"memory-{rank}.json", rank=rank, role=trainer.role.name,
                           replica=trainer.role.replica, copy=trainer.role.copy)  # fmt: skip
