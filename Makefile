@@ -24,8 +24,8 @@ demo: $(STAMP)
 	@echo "== measuring the real modules on this machine (3 processes, as in training)"
 	$(VENV)/bin/entrain profile --data $(OUT)/demo/manifest.jsonl --nproc 3 -o $(OUT)/profile.json
 	@echo "== training for real: 3 CPU processes (vision encoder, audio encoder, LLM), gloo"
-	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy entrain --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --profile $(OUT)/profile.json --out $(OUT)/train-entrain --trace
-	$(VENV)/bin/entrain train --data $(OUT)/demo/manifest.jsonl --policy sequential --steps 24 --global-batch 16 --microbatches 4 --nproc 3 --lr 3e-3 --profile $(OUT)/profile.json --out $(OUT)/train-sequential
+	$(VENV)/bin/entrain train examples/recipes/demo.yaml data.path=$(OUT)/demo/manifest.jsonl schedule.profile=$(OUT)/profile.json run.out=$(OUT)/train-entrain run.trace=true --nproc 3
+	$(VENV)/bin/entrain train examples/recipes/demo.yaml data.path=$(OUT)/demo/manifest.jsonl schedule.profile=$(OUT)/profile.json schedule.policy=sequential run.out=$(OUT)/train-sequential --nproc 3
 	@echo "== measured, and the simulator's replay of the same steps with the profile"
 	$(VENV)/bin/entrain runs $(OUT)/train-sequential $(OUT)/train-entrain --simulate
 	$(VENV)/bin/entrain report $(OUT)/train-entrain -o $(OUT)/report.html

@@ -17,7 +17,7 @@ from entrain.cost import cost_batch
 from entrain.cost.hardware import HARDWARE
 from entrain.models import load_spec
 from entrain.plan.planner import PlannerConfig
-from entrain.plan.run import run_plan, simulate_policies
+from entrain.planning import run_plan, simulate_policies
 from entrain.schedule import POLICIES
 from entrain.workload.traces import TRACE_MODELS, generate_workload
 

@@ -17,7 +17,9 @@ from entrain.cost import (
     cost_batch,
     transformer_flops,
 )
+from entrain.cost.batch import CostedBatch, CostUnitError, common_unit
 from entrain.cost.flops import encoder_coeffs
+from entrain.cost.hardware import HARDWARE
 from entrain.cost.tokens import smart_resize
 from entrain.models import PRESETS, AudioSpec, TransformerSpec, VisionSpec
 from entrain.workload import MODALITY_FIELDS, ItemTable, Workload
@@ -369,3 +371,23 @@ def test_cost_coeffs():
     assert float(c(0)) == 0.0
     assert float(c(2.5)) == pytest.approx(2 * 2.5 + 3 * 6.25 + 5)
     assert float(CostCoeffs(1.5)(4)) == 6.0
+
+
+def test_costed_batches_carry_their_unit_and_refuse_to_mix():
+    """A batch costed in FLOPs and one in measured seconds cannot meet: pooling, planning
+    or an unknown unit raise instead of producing times off by orders of magnitude."""
+    spec = PRESETS["qwen2-vl-7b"]()
+    w = generate_workload("llava-instruct", 8, seed=0)
+    flops = cost_batch(w, spec)
+    assert flops.unit == "flop"
+    secs = dataclasses.replace(flops, unit="s")
+    assert common_unit([flops, flops]) == "flop"
+    with pytest.raises(CostUnitError, match="mix cost units"):
+        CostedBatch.concat([flops, secs])
+    with pytest.raises(CostUnitError, match="unknown cost unit"):
+        dataclasses.replace(flops, unit="ms")
+    hw = HARDWARE["h100"]
+    assert hw.seconds(hw.flops(), "flop") == pytest.approx(1.0)
+    assert hw.seconds(2.0, "s") == 2.0
+    with pytest.raises(ValueError, match="unknown cost unit"):
+        hw.seconds(1.0, "ms")

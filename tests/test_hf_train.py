@@ -198,7 +198,7 @@ def test_export_refuses_a_preset_run_and_a_run_without_checkpoints(tmp_path, vl,
     res = _entrain("export", str(run), "-o", str(tmp_path / "x"))
     assert res.returncode == 2 and "no complete checkpoint" in res.stderr
     cfg = json.loads((run / "config.json").read_text())
-    cfg["model"] = "tiny"
+    cfg["config"]["model"]["name"] = "tiny"
     (run / "config.json").write_text(json.dumps(cfg))
     res = _entrain("export", str(run), "-o", str(tmp_path / "x"))
     assert res.returncode == 2 and "not a Hugging Face model folder" in res.stderr

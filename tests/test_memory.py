@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from runtime_helpers import train
 
+from entrain.config import read_run_config
 from entrain.plan.memory import MemorySettings, encoder_in_flight, plan_memory
 from entrain.runtime.demo_data import make_demo_data
-from entrain.runtime.setup import TrainConfig, make_step, open_dataset, run_layout, source_of
+from entrain.runtime.setup import make_step, open_dataset, run_layout, source_of
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.filterwarnings("ignore::UserWarning")]
 TINY_VISION = str(Path(__file__).resolve().parents[1] / "benchmarks" / "tiny-vision.yaml")
@@ -27,11 +28,11 @@ def data(tmp_path_factory) -> Path:
 def estimate(run: Path, precision: str = "fp32") -> dict[str, float]:
     """plan_memory for the run's layout and settings, with its last step's largest
     microbatches, encoder microbatches in flight and deferred embeddings."""
-    saved = json.loads((run / "config.json").read_text())
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    record = read_run_config(run)
+    cfg = record.config
     source = source_of(cfg)
     spec, data = source.spec, open_dataset(cfg, source)
-    plan = run_layout(cfg, [e.name for e in spec.encoders], saved["world"])
+    plan = run_layout(cfg, [e.name for e in spec.encoders], record.world)
     step = make_step(data, cfg, cfg.steps - 1, plan.llm_pp, copies=plan.encoder_dp)
     it, batch = step.plan, step.batch
     tokens = {"llm": max(sum(int(batch.llm_tokens[s]) for s in ss) for ss in it.llm_mb.values())}

@@ -18,8 +18,9 @@ import pytest
 import torch
 from runtime_helpers import assert_matches_reference, train
 
+from entrain.config import lr_at
 from entrain.runtime.demo_data import make_demo_data
-from entrain.runtime.optim import lr_at, param_groups, resolve_precision
+from entrain.runtime.optim import param_groups, resolve_precision
 from entrain.runtime.reference import reference_params
 from entrain.runtime.setup import TrainConfig
 from entrain.schedule import POLICIES

@@ -37,7 +37,7 @@ def omni_batches(omni) -> list[CostedBatch]:
 @pytest.fixture(scope="module")
 def planned(omni, omni_batches):
     cfg = PlannerConfig(gpus=16, global_batch=128, microbatch_samples=4)
-    return Planner(omni, omni_batches, HARDWARE["h100"], cfg).plan()
+    return Planner(omni, omni_batches, HARDWARE["h100"], cfg, simulate=simulate).plan()
 
 
 # ------------------------------------------------------------------------------ enumeration
@@ -159,7 +159,11 @@ def test_planner_iter_times_match_simulator(planned, omni, omni_batches):
     """The planner's numbers are the simulator's, under the plan's own deferral knobs."""
     plan = planned.static.plan
     planner = Planner(
-        omni, omni_batches, HARDWARE["h100"], PlannerConfig(gpus=16, global_batch=128)
+        omni,
+        omni_batches,
+        HARDWARE["h100"],
+        PlannerConfig(gpus=16, global_batch=128),
+        simulate=simulate,
     )
     for i, b in enumerate(omni_batches):
         asg = planner.assignment(i, plan, "entrain")
@@ -172,12 +176,14 @@ def test_planner_nothing_fits(omni, omni_batches):
     hw = replace(HARDWARE["h100"], memory_bytes=1e6)
     cfg = PlannerConfig(gpus=16, global_batch=128, microbatch_samples=4)
     with pytest.raises(ValueError, match="memory"):
-        Planner(omni, omni_batches, hw, cfg).plan()
+        Planner(omni, omni_batches, hw, cfg, simulate=simulate).plan()
 
 
 def test_planner_needs_batches(omni):
     with pytest.raises(ValueError):
-        Planner(omni, [], HARDWARE["h100"], PlannerConfig(gpus=8, global_batch=8))
+        Planner(
+            omni, [], HARDWARE["h100"], PlannerConfig(gpus=8, global_batch=8), simulate=simulate
+        )
 
 
 def test_planner_config_rejects_nonsense():

@@ -22,10 +22,11 @@ from entrain.cost.hardware import Hardware
 from entrain.cost.profile import P2PFit, Profile, ProfileError, load_profile
 from entrain.models.load import load_spec
 from entrain.models.spec import ModelSpec, TransformerSpec, VisionSpec
-from entrain.plan.run import choose_lookahead
 from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
+from entrain.schedule.steps import StepRecipe
+from entrain.sim.lookahead import choose_lookahead
 from entrain.sim.replay import replay_run
 from entrain.sim.simulator import simulate
 from entrain.workload.columnar import batch_indices
@@ -232,6 +233,7 @@ def _one_sample_batch() -> CostedBatch:
         units={"vision": units},
         call_cost={"vision": (0.5, 0.25), "llm": (0.1, 0.2)},
         step_cost={"vision": 0.7, "llm": 0.3},
+        unit="s",
     )
 
 
@@ -253,7 +255,7 @@ def test_per_run_costs_optimizer_step_and_p2p_by_hand(blocking, expected):
     batch = _one_sample_batch()
     plan = ParallelPlan(dp=1, llm_pp=1, microbatches=1, encoder_tp={"vision": 1})
     asg = Assignment.coupled(batch, 1, 1, np.array([0]))
-    res = simulate(batch, asg, _vision_spec(), plan, hw, "s", record_events=True)
+    res = simulate(batch, asg, _vision_spec(), plan, hw, record_events=True)
     assert res.iter_time == pytest.approx(expected)
     ev = {(d, a): (s, e) for d, a, s, e in res.events}
     if blocking:
@@ -270,7 +272,8 @@ def test_choose_lookahead_picks_the_fastest_candidate():
     w = generate_workload("llava-instruct", 64, seed=1)
     batches = [cost_batch(w.slice(i * 32, (i + 1) * 32), spec, model) for i in range(2)]
     plan = ParallelPlan(dp=1, llm_pp=1, microbatches=4, encoder_tp={"vision": 1})
-    best, times = choose_lookahead(spec, batches, plan, _profile().hardware())
+    recipe = StepRecipe(spec, global_batch=32, dp=plan.dp, microbatches=plan.microbatches)
+    best, times = choose_lookahead(recipe, batches, plan, _profile().hardware())
     assert set(times) == {0, 1, 2, None}
     assert times[best] == min(times.values())
 
@@ -312,7 +315,7 @@ def test_replay_simulates_each_step_as_the_runtime_assigned_it(tmp_path):
     plan = ParallelPlan(dp=1, llm_pp=1, microbatches=4, encoder_tp={"vision": 1})
     for s in rep.steps:
         b = cost_batch(w.take(batch_indices(len(w), s.step, 16, 0, True)), spec, prof.cost_model())
-        want = simulate(b, assign("entrain", b, 1, 4, 1, None), spec, plan, prof.hardware(), "s")
+        want = simulate(b, assign("entrain", b, 1, 4, 1, None), spec, plan, prof.hardware())
         assert s.simulated == pytest.approx(want.iter_time)
     assert [s.measured for s in rep.steps] == pytest.approx([0.5, 0.6, 0.7, 0.8, 0.9])
     assert rep.measured == pytest.approx(0.75)  # median after the warm-up step
@@ -403,8 +406,10 @@ def test_profile_two_processes_train_with_it_and_replay(demo, tmp_path):
         "train", "--model", TINY_VISION, "--data", str(demo), "--nproc", "2", "--steps", "3",
         "--global-batch", "8", "--microbatches", "4", "--profile", str(prof), "--out", str(out),
     )  # fmt: skip
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["lookahead"] in (0, 1, 2, None) and cfg["profile"] == str(prof)
+    from entrain.config import read_run_config
+
+    cfg = read_run_config(out).config  # typed, as replay reads it
+    assert cfg.lookahead in (0, 1, 2, None) and cfg.profile == str(prof.resolve())
     res = _entrain("runs", str(out), "--simulate", "--warmup", "1", "--json")
     row = json.loads(res.stdout)[0]
     assert row["measured_iter_time"] > 0 and row["simulated_iter_time"] > 0
@@ -469,5 +474,5 @@ def test_replay_leaves_out_the_samples_the_run_skipped(tmp_path):
     for s in rep.steps:
         take = batch_indices(len(kept), s.step, 16, 0, True)
         b = cost_batch(kept.take(take), spec, prof.cost_model())
-        want = simulate(b, assign("entrain", b, 1, 4, 1, None), spec, plan, prof.hardware(), "s")
+        want = simulate(b, assign("entrain", b, 1, 4, 1, None), spec, plan, prof.hardware())
         assert s.simulated == pytest.approx(want.iter_time)

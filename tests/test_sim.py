@@ -50,9 +50,9 @@ def _vision_model(frozen: bool) -> ModelSpec:
     return ModelSpec(name="v", llm=LLM, encoders=(_vit(frozen),))
 
 
-def _batch(f, b, P: int, units: dict[str, UnitTable] | None = None) -> CostedBatch:
-    """One sample per entry; per-stage forward f and backward b (the simulator splits a
-    sample's LLM work evenly over the P stages)."""
+def _batch(f, b, P: int, units: dict[str, UnitTable] | None = None, unit: str = "s") -> CostedBatch:
+    """One sample per entry; per-stage forward f and backward b, in seconds unless `unit`
+    says otherwise (the simulator splits a sample's LLM work evenly over the P stages)."""
     n = len(f)
     return CostedBatch(
         n_samples=n,
@@ -61,6 +61,7 @@ def _batch(f, b, P: int, units: dict[str, UnitTable] | None = None) -> CostedBat
         llm_fwd=np.asarray(f, dtype=np.float64) * P,
         llm_bwd=np.asarray(b, dtype=np.float64) * P,
         units=units or {},
+        unit=unit,
     )
 
 
@@ -99,7 +100,7 @@ def _events(res, device: str) -> dict[str, tuple[float, float]]:
 def test_uniform_pipeline_time_and_bubbles(P, M, f, b):
     batch = _batch([f] * M, [b] * M, P)
     plan = ParallelPlan(dp=1, llm_pp=P, microbatches=M)
-    res = simulate(batch, _one_per_microbatch(batch, 1, M), TEXT, plan, IDEAL, cost_unit="s")
+    res = simulate(batch, _one_per_microbatch(batch, 1, M), TEXT, plan, IDEAL)
     assert res.iter_time == (M + P - 1) * (f + b)
     expected_bubbles = 1 - M * (f + b) / ((M + P - 1) * (f + b))
     assert res.bubble_fraction == pytest.approx(expected_bubbles, abs=1e-12)
@@ -116,9 +117,7 @@ def test_heavy_microbatch_hand_computed():
     f, b = [1.0, 2.0, 1.0], [2.0, 4.0, 2.0]
     batch = _batch(f, b, 2)
     plan = ParallelPlan(dp=1, llm_pp=2, microbatches=3)
-    res = simulate(
-        batch, _one_per_microbatch(batch, 1, 3), TEXT, plan, IDEAL, "s", record_events=True
-    )
+    res = simulate(batch, _one_per_microbatch(batch, 1, 3), TEXT, plan, IDEAL, record_events=True)
     assert res.iter_time == 16
     expected = {
         "llm.s0/r0": {
@@ -148,15 +147,15 @@ def test_heavy_microbatch_hand_computed():
 def test_events_off_by_default():
     batch = _batch([1.0] * 2, [1.0] * 2, 2)
     plan = ParallelPlan(dp=1, llm_pp=2, microbatches=2)
-    res = simulate(batch, _one_per_microbatch(batch, 1, 2), TEXT, plan, IDEAL, "s")
+    res = simulate(batch, _one_per_microbatch(batch, 1, 2), TEXT, plan, IDEAL)
     assert res.events == []
 
 
 def test_flop_unit_divides_by_achieved_flops():
     hw = replace(IDEAL, peak_flops=4.0, efficiency=0.5)  # 2 FLOP/s on one GPU
-    batch = _batch([1.0] * 3, [2.0] * 3, 1)
+    batch = _batch([1.0] * 3, [2.0] * 3, 1, unit="flop")
     plan = ParallelPlan(dp=1, llm_pp=1, microbatches=3)
-    res = simulate(batch, _one_per_microbatch(batch, 1, 3), TEXT, plan, hw)  # FLOPs
+    res = simulate(batch, _one_per_microbatch(batch, 1, 3), TEXT, plan, hw)
     assert res.iter_time == pytest.approx(3 * (1 + 2) / 2)
 
 
@@ -174,7 +173,6 @@ def test_frozen_encoder_runs_no_backward(P):
         _vision_model(True),
         plan,
         IDEAL,
-        "s",
         record_events=True,
     )
     enc = _events(res, "vision/r0")
@@ -189,7 +187,6 @@ def test_frozen_encoder_runs_no_backward(P):
         _vision_model(False),
         plan,
         IDEAL,
-        "s",
         record_events=True,
     )
     enc = _events(res, "vision/r0")
@@ -213,7 +210,6 @@ def test_llm_waits_for_its_embeddings():
         _vision_model(True),
         plan,
         IDEAL,
-        "s",
         record_events=True,
     )
     enc, llm = _events(res, "vision/r0"), _events(res, "llm.s0/r0")
@@ -245,7 +241,7 @@ def test_deferral_is_waiting():
     assert deferred.violations(batch) == []
     plan = ParallelPlan(dp=1, llm_pp=2, microbatches=3, encoder_tp={"vision": 1})
     spec = _vision_model(False)
-    res = simulate(batch, deferred, spec, plan, IDEAL, "s", record_events=True)
+    res = simulate(batch, deferred, spec, plan, IDEAL, record_events=True)
     assert np.isfinite(res.iter_time) and res.iter_time > 0
     enc, llm0 = _events(res, "vision/r0"), _events(res, "llm.s0/r0")
     # encoder microbatch 2 is empty: no slice for it (zero-length actions are not recorded)
@@ -258,7 +254,7 @@ def test_deferral_is_waiting():
     assert res.peak_deferred_tokens > 0
 
     # coupled, the encoder's backward of 0 does not wait for LLM microbatch 2
-    res_c = simulate(batch, coupled, spec, plan, IDEAL, "s", record_events=True)
+    res_c = simulate(batch, coupled, spec, plan, IDEAL, record_events=True)
     enc_c, llm0_c = _events(res_c, "vision/r0"), _events(res_c, "llm.s0/r0")
     assert enc_c["B0"][0] < llm0_c["B2"][1]
     assert res_c.peak_deferred_tokens == 0
@@ -277,7 +273,7 @@ def test_units_on_another_replica_feed_the_llm():
     )
     assert asg.violations(batch) == []
     plan = ParallelPlan(dp=2, llm_pp=1, microbatches=1, encoder_tp={"vision": 1})
-    res = simulate(batch, asg, _vision_model(True), plan, IDEAL, "s", record_events=True)
+    res = simulate(batch, asg, _vision_model(True), plan, IDEAL, record_events=True)
     assert "vision/r0" not in {d for d, *_ in res.events}  # replica 0's encoder has nothing
     enc1 = _events(res, "vision/r1")
     assert enc1["F0"][1] == pytest.approx(5.5)
@@ -302,8 +298,8 @@ def test_dp_all_reduce_time(P, gpus_per_node):
     bw = grad_bytes / 1.5
     fast = replace(IDEAL, gpus_per_node=gpus_per_node)
     slow = replace(fast, inter_node_bw=bw)
-    t_fast = simulate(batch, asg, TEXT, plan, fast, "s").iter_time
-    t_slow = simulate(batch, asg, TEXT, plan, slow, "s").iter_time
+    t_fast = simulate(batch, asg, TEXT, plan, fast).iter_time
+    t_slow = simulate(batch, asg, TEXT, plan, slow).iter_time
     assert t_fast == pytest.approx((M + P - 1) * 3.0)
     assert t_slow > t_fast
     assert t_slow - t_fast == pytest.approx(2 * (D - 1) / D * grad_bytes / bw)
@@ -327,7 +323,7 @@ def test_encoder_all_reduced_only_when_trained(frozen):
         {"vision": _units([5.0] * 4, [0.0 if frozen else 5.0] * 4)},
     )
     asg = _one_per_microbatch(batch, D, M)
-    base = simulate(batch, asg, spec, plan, fast, "s", record_events=True)
+    base = simulate(batch, asg, spec, plan, fast, record_events=True)
     llm_end = max(e for d, _, _, e in base.events if d.startswith("llm"))
     enc_end = max(e for d, _, _, e in base.events if d.startswith("vision"))
     assert base.iter_time == pytest.approx(max(llm_end, enc_end))
@@ -336,16 +332,16 @@ def test_encoder_all_reduced_only_when_trained(frozen):
     enc_ar = factor * params["vision"] * 2 / slow.inter_node_bw
     assert enc_end + enc_ar > llm_end + llm_ar  # the encoder's would be the last to finish
     expected = max(llm_end + llm_ar, enc_end + (0.0 if frozen else enc_ar))
-    assert simulate(batch, asg, spec, plan, slow, "s").iter_time == pytest.approx(expected)
+    assert simulate(batch, asg, spec, plan, slow).iter_time == pytest.approx(expected)
 
 
 def test_mismatched_plan_and_assignment():
     batch = _batch([1.0] * 4, [1.0] * 4, 1)
     asg = _one_per_microbatch(batch, 2, 2)
     with pytest.raises(ValueError, match="D=2"):
-        simulate(batch, asg, TEXT, ParallelPlan(dp=1, microbatches=2), IDEAL, "s")
+        simulate(batch, asg, TEXT, ParallelPlan(dp=1, microbatches=2), IDEAL)
     with pytest.raises(ValueError, match="M=2"):
-        simulate(batch, asg, TEXT, ParallelPlan(dp=2, microbatches=4), IDEAL, "s")
+        simulate(batch, asg, TEXT, ParallelPlan(dp=2, microbatches=4), IDEAL)
 
 
 def test_plan_must_place_the_batch_encoders():
@@ -358,7 +354,6 @@ def test_plan_must_place_the_batch_encoders():
             _vision_model(True),
             ParallelPlan(dp=1, microbatches=M),
             IDEAL,
-            "s",
         )
 
 

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from entrain.cost.batch import cost_batch
 from entrain.cost.flops import CostModel, analytic_cost_model
 from entrain.models.spec import ModelSpec
-from entrain.schedule import POLICIES, assign, evaluate, mean_metrics, work
-from entrain.workload.columnar import Workload
-from entrain.workload.manifest import iter_batches, read_manifest
+from entrain.schedule import POLICIES, evaluate, mean_metrics, work
+from entrain.schedule.steps import StepRecipe
+from entrain.workload.manifest import global_batches
 
 
 @dataclass(kw_only=True)
@@ -55,30 +52,6 @@ class AnalyzeConfig:
         self.policies = tuple(dict.fromkeys(self.policies))
 
 
-def global_batches(
-    manifest: str | os.PathLike,
-    cfg: AnalyzeConfig,
-    on_progress: Callable[[int], None] | None = None,
-) -> Iterator[Workload]:
-    """The first `cfg.iterations` global batches (all when 0); the last one may be a tail
-    smaller than a global batch, which the caller decides about."""
-    if cfg.seed is None:
-        source = iter_batches(manifest, cfg.global_batch, on_progress)
-    else:
-        w = read_manifest(manifest)
-        if on_progress:
-            on_progress(len(w))
-        w = w.take(np.random.default_rng(cfg.seed).permutation(len(w)))
-        source = (
-            w.slice(s, min(s + cfg.global_batch, len(w)))
-            for s in range(0, len(w), cfg.global_batch)
-        )
-    for used, batch in enumerate(source, 1):
-        yield batch
-        if cfg.iterations and used >= cfg.iterations:
-            return
-
-
 def cv_reduction(policies: dict[str, dict]) -> dict[str, float | None]:
     """worst_cv of each baseline over entrain's (None when entrain's is exactly 0)."""
     if "entrain" not in policies:
@@ -104,18 +77,19 @@ def analyze(
 ) -> dict:
     """The analysis as plain data (what `entrain analyze --json` prints)."""
     model = cost_model or analytic_cost_model(spec)
+    recipe = StepRecipe(spec, cfg.global_batch, cfg.dp, cfg.microbatches, cost_model=model)
     rows: dict[str, list] = {p: [] for p in cfg.policies}
     seconds = dict.fromkeys(cfg.policies, 0.0)
     first: dict[str, dict[str, list[float]]] = {}  # per-microbatch work of the first batch
     n_batches = samples = skipped = 0
-    for batch in global_batches(manifest, cfg, on_progress):
+    for batch in global_batches(manifest, cfg.global_batch, cfg.iterations, cfg.seed, on_progress):
         if len(batch) < cfg.global_batch and n_batches:
             skipped = len(batch)  # a short tail beside full batches would skew the means
             break
-        costed = cost_batch(batch, spec, model)
+        costed = recipe.cost(batch)
         for p in cfg.policies:
             t0 = time.perf_counter()
-            asg = assign(p, costed, cfg.dp, cfg.microbatches)
+            asg = recipe.replace(policy=p).assign(costed)
             seconds[p] += time.perf_counter() - t0
             rows[p].append(evaluate(costed, asg))
             if not n_batches:
@@ -129,6 +103,7 @@ def analyze(
     return {
         "model": spec.name,
         "modules": list(spec.modules),
+        "cost_unit": model.unit,
         "config": {k: v for k, v in asdict(cfg).items() if k != "policies"},
         "iterations": n_batches,
         "samples": samples,

@@ -17,18 +17,18 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
     from entrain.models.load import load_spec
     from entrain.plan.memory import MemorySettings
     from entrain.plan.planner import PlannerConfig
-    from entrain.plan.run import load_batches
+    from entrain.planning import load_batches
 
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
     spec = load_spec(args.model)
     hw = get_hardware(args.hardware)
-    model, unit = None, "flop"
+    model = None
     if args.profile:  # measured seconds and the measured machine instead of FLOPs
         from entrain.cost.profile import load_profile
 
         profile = load_profile(args.profile, spec)
-        model, unit, hw = profile.cost_model(), "s", profile.hardware(fallback=hw)
+        model, hw = profile.cost_model(), profile.hardware(fallback=hw)
     gb = args.global_batch or 16 * args.gpus
     with progress_bar("reading samples", args.iterations * gb, err) as advance:
         batches = load_batches(args.manifest, spec, gb, args.iterations, cost_model=model)
@@ -41,7 +41,7 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
         tp_options=_tp_options(args.tp),
         memory=MemorySettings(precision=args.precision, recompute={"*": args.recompute == "full"}),
     )
-    return spec, hw, batches, cfg, unit
+    return spec, hw, batches, cfg
 
 
 def _tp_options(text: str) -> tuple[int, ...]:
@@ -75,11 +75,11 @@ def train_flags(plan, memory=None) -> str | None:
 
 
 def cmd_plan(args: argparse.Namespace, err: Console) -> int:
-    from entrain.plan.run import run_plan
+    from entrain.planning import run_plan
 
-    spec, hw, batches, cfg, unit = _planner_inputs(args, err)
+    spec, hw, batches, cfg = _planner_inputs(args, err)
     with progress_bar("simulating plans", None, err) as advance:
-        _, res = run_plan(spec, batches, hw, cfg, unit, on_progress=advance)
+        _, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
     out = {
         "model": spec.name,
         "hardware": hw.name,
@@ -143,20 +143,19 @@ def _load_plan(path: str):
 
 
 def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
-    from entrain.plan.planner import Planner
-    from entrain.plan.run import run_plan, simulate_policies
+    from entrain.planning import make_planner, run_plan, simulate_policies
     from entrain.report.trace import write_chrome_trace
 
-    spec, hw, batches, cfg, unit = _planner_inputs(args, err)
+    spec, hw, batches, cfg = _planner_inputs(args, err)
     if args.plan:
         plan = _load_plan(args.plan)
         plan.check_modules(tuple(e.name for e in spec.encoders))
         if plan.world_size != cfg.gpus:
             raise UserError(f"the plan uses {plan.world_size} GPUs but --gpus is {cfg.gpus}")
-        planner = Planner(spec, batches, hw, cfg, unit)
+        planner = make_planner(spec, batches, hw, cfg)
     else:
         with progress_bar("planning", None, err) as advance:
-            planner, res = run_plan(spec, batches, hw, cfg, unit, on_progress=advance)
+            planner, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
         plan = res.static.plan
     policies = tuple(dict.fromkeys(args.policies))
     trace_policy = "entrain" if "entrain" in policies else policies[0]

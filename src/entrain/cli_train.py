@@ -35,65 +35,67 @@ def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
     return 0
 
 
-TRAIN_FLAGS = (
-    "model",
-    "data",
-    "policy",
-    "steps",
-    "global_batch",
-    "microbatches",
-    "dp",
-    "pp",
-    "lr",
-    "seed",
-    "lookahead",
-    "pool",
-    "timeout_s",
-    "out",
-    "pin_cores",
-    "device",
-    "profile",
-    "checkpoint_every",
-    "checkpoint_dir",
-    "resume",
-    "keep_checkpoints",
-    "max_deferred_tokens",
-    "skip_bad",
-    "max_sample_tokens",
-    "validate",
-    "init_from",
-    "audio_from",
-    "freeze",
-    "tokenizer",
-    "data_workers",
-    "cache_mb",
-    "lr_schedule",
-    "warmup_steps",
-    "decay_steps",
-    "min_lr_ratio",
-    "weight_decay",
-    "clip_grad",
-    "precision",
-    "recompute",
-    "shard_optimizer",
-    "encoder_copies",
-    "profile_memory",
-)
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    """`entrain train [RECIPE] [section.key=value ...] [flags]`: flags, help and defaults come
+    from the config's components (entrain/config.py)."""
+    from entrain.config import add_flags
+
+    tr = sub.add_parser(
+        "train",
+        help="train for real with torchrun (CPU with gloo, GPUs with NCCL)",
+        description="Train a model on a training manifest with real Hugging Face modules: each "
+        "encoder on its own ranks, the LLM as pipeline stages, times data-parallel replicas. "
+        "Settings come from a recipe (YAML, one mapping per section), then section.key=value "
+        "overrides, then flags. Run it under torchrun, or pass --nproc P to launch torchrun "
+        "on this machine.",
+    )
+    tr.add_argument(
+        "recipe",
+        nargs="*",
+        metavar="RECIPE.yaml | section.key=value",
+        help="a recipe file (examples/recipes/), and overrides of its keys",
+    )
+    add_flags(tr)
+    launch = tr.add_argument_group("launching")
+    launch.add_argument(
+        "--nproc", type=int, default=None, help="launch torchrun with this many processes"
+    )
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --nproc: torchrun restarts the ranks this many times after a failure "
+        "(use with --resume to continue from the last checkpoint)",
+    )
+    tr.set_defaults(func=cmd_train, argv=None)
+    return tr
+
+
+def train_config(args: argparse.Namespace):
+    """The run's TrainConfig from a parsed `entrain train` command line."""
+    from entrain.config import SECTIONS, config_from
+
+    fields = {f for cls in SECTIONS.values() for f in cls.__dataclass_fields__}
+    flags = {k: v for k, v in vars(args).items() if k in fields}
+    positional = list(args.recipe or [])
+    recipe = None
+    if positional and "=" not in positional[0]:
+        recipe = positional.pop(0)
+    stray = [p for p in positional if "=" not in p]
+    if stray:
+        raise UserError(
+            f"{stray[0]!r}: expected a recipe file first, then section.key=value overrides"
+        )
+    return config_from(flags, recipe, positional)
 
 
 def cmd_train(args: argparse.Namespace, err: Console) -> int:
-    from entrain.runtime.setup import TrainConfig
-
-    cfg = TrainConfig(
-        **{k: getattr(args, k) for k in TRAIN_FLAGS},
-        shuffle=not args.no_shuffle,
-        trace=args.trace,
-        save_params=args.save_params,
-    )
+    cfg = train_config(args)
     if "RANK" in os.environ:
+        from entrain.report.trace import write_chrome_trace
         from entrain.runtime.train import main_from_env
 
-        return main_from_env(cfg)
+        return main_from_env(cfg, lambda ev, path, name: write_chrome_trace(ev, path, name=name))
     if not args.nproc:
         raise UserError(
             "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"

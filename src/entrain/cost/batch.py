@@ -11,6 +11,8 @@ from entrain.cost.tokens import audio_units, vision_units
 from entrain.models.spec import ModelSpec, VisionSpec
 from entrain.workload.columnar import Workload
 
+COST_UNITS = ("flop", "s")
+
 
 @dataclass(frozen=True, eq=False)
 class UnitTable:
@@ -50,6 +52,12 @@ class CostedBatch:
     """Module -> (forward, backward) cost of one run on a non-empty microbatch."""
     step_cost: dict[str, float] = field(default_factory=dict)
     """Module -> cost of its optimizer step, once per iteration."""
+    unit: str = "flop"
+    """What the costs count: "flop" (analytic model) or "s" (measured on one GPU)."""
+
+    def __post_init__(self) -> None:
+        if self.unit not in COST_UNITS:
+            raise CostUnitError(f"unknown cost unit {self.unit!r} (expected one of {COST_UNITS})")
 
     @property
     def llm_cost(self) -> np.ndarray:
@@ -70,6 +78,7 @@ class CostedBatch:
     @staticmethod
     def concat(batches: list[CostedBatch]) -> CostedBatch:
         """One pool of the samples of several batches (for statistics over many samples)."""
+        unit = common_unit(batches)
         offsets = np.cumsum([0] + [b.n_samples for b in batches[:-1]])
         units = {}
         for e in batches[0].units:
@@ -92,11 +101,28 @@ class CostedBatch:
             units=units,
             call_cost=batches[0].call_cost,
             step_cost=batches[0].step_cost,
+            unit=unit,
         )
 
     def cost_matrix(self) -> np.ndarray:
         """(N, modules) coupled cost per sample, module order as `modules`."""
         return np.stack([self.module_cost_per_sample(m) for m in self.modules], axis=1)
+
+
+class CostUnitError(ValueError):
+    """Costs in different units (FLOPs and measured seconds) met in one computation."""
+
+
+def common_unit(batches: list[CostedBatch]) -> str:
+    """The one cost unit of `batches`; mixing FLOP-costed and second-costed batches would
+    silently add or compare numbers nine orders of magnitude apart, so it is an error."""
+    units = {b.unit for b in batches}
+    if len(units) != 1:
+        raise CostUnitError(
+            f"costed batches mix cost units {sorted(units)}: cost every batch with one cost "
+            "model (analytic FLOPs or one profile)"
+        )
+    return units.pop()
 
 
 class MissingEncoderError(ValueError):
@@ -161,4 +187,5 @@ def cost_batch(workload: Workload, spec: ModelSpec, model: CostModel | None = No
         units=units,
         call_cost={m: (c.forward.call, c.backward.call) for m, c in model.modules.items()},
         step_cost=dict(model.step),
+        unit=model.unit,
     )

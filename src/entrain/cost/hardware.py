@@ -53,6 +53,16 @@ class Hardware:
         """Achieved FLOP/s of a TP group."""
         return self.peak_flops * self.efficiency * self.speedup(tp)
 
+    def seconds(self, work, unit: str, tp: int = 1):
+        """Seconds of `work` on a TP group: FLOPs over the achieved FLOP/s, or seconds
+        measured on one GPU over the TP speed-up. `unit` is the costed batch's own, so a
+        batch costed in FLOPs can never be read as seconds."""
+        if unit == "flop":
+            return work / self.flops(tp)
+        if unit == "s":
+            return work / self.speedup(tp)
+        raise ValueError(f"unknown cost unit {unit!r} (expected 'flop' or 's')")
+
     def link(self, same_node: bool) -> float:
         return self.intra_node_bw if same_node else self.inter_node_bw
 

@@ -23,9 +23,9 @@ Two modes, because Entrain's assignment has two halves:
   later microbatch or of another rank; the loop must send its embedding there (and its
   gradient back), and hold embeddings that arrive early until their microbatch runs.
 
-The data order is the runtime's (`batch_indices`): epochs of a permutation seeded by seed
-and epoch, whole global batches only, so the sampler and `entrain train` with the same data,
-seed and global batch see the same samples in the same steps.
+Steps come from the runtime's step recipe (schedule/steps.py): epochs of a permutation
+seeded by seed and epoch, whole global batches only, so the sampler and `entrain train` with
+the same data, seed and global batch see the same samples and assignments in the same steps.
 """
 
 from __future__ import annotations
@@ -38,14 +38,15 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Sampler
 
-from entrain.cost.batch import CostedBatch, UnitTable, cost_batch
+from entrain.cost.batch import CostedBatch, UnitTable
 from entrain.cost.flops import CostModel
 from entrain.cost.profile import load_profile
 from entrain.models.load import load_spec
 from entrain.models.spec import ModelSpec
-from entrain.schedule import POLICIES, assign
+from entrain.schedule import POLICIES
 from entrain.schedule.assignment import Assignment
-from entrain.workload.columnar import Workload, batch_indices
+from entrain.schedule.steps import StepBatch, StepRecipe
+from entrain.workload.columnar import Workload
 from entrain.workload.manifest import read_manifest
 
 
@@ -85,17 +86,6 @@ class IterationAssignment:
     """Encoder name -> per microbatch, the units this rank's encoder computes then. They
     may feed later microbatches and other ranks (`EncoderUnit.llm_rank/llm_microbatch`).
     Empty in coupled mode, where every unit runs with its sample's LLM microbatch."""
-
-
-@dataclass(frozen=True, eq=False)
-class _Planned:
-    """One step's global batch and its assignment, shared by every rank's view."""
-
-    step: int
-    indices: np.ndarray  # (N,) manifest index of each batch sample
-    workload: Workload  # the batch's samples, numbered 0..N-1
-    batch: CostedBatch
-    asg: Assignment
 
 
 def _default_dp(dp_rank: int | None, dp_size: int | None) -> tuple[int, int]:
@@ -237,10 +227,9 @@ class EntrainBatchSampler(Sampler[list[int]]):
             else read_manifest(manifest_or_workload)
         )
         self.spec = model if isinstance(model, ModelSpec) else load_spec(model)
-        self.cost_model: CostModel | None = None
+        cost_model: CostModel | None = None
         if profile is not None:
-            prof = load_profile(profile, self.spec)
-            self.cost_model = prof.cost_model()
+            cost_model = load_profile(profile, self.spec).cost_model()
         if len(self.workload) < global_batch:
             raise ValueError(
                 f"the data has {len(self.workload)} samples, fewer than one global batch "
@@ -248,13 +237,24 @@ class EntrainBatchSampler(Sampler[list[int]]):
             )
         self.global_batch, self.microbatches = global_batch, microbatches
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.policy, self.seed, self.shuffle = policy, seed, shuffle
-        self.lookahead, self.pool, self.max_deferred_tokens = lookahead, pool, max_deferred_tokens
+        self.recipe = StepRecipe(
+            self.spec,
+            global_batch,
+            dp_size,
+            microbatches,
+            policy,
+            seed,
+            shuffle,
+            lookahead,
+            pool,
+            max_deferred_tokens,
+            cost_model,
+        )
         self.decoupled = decoupled
         self.epoch = epoch
         # Every rank's view of a step derives from one assignment; keep the latest so that
         # asking for several ranks of one step (to know what arrives from where) is cheap.
-        self._last: _Planned | None = None
+        self._last: StepBatch | None = None
 
     @property
     def iterations(self) -> int:
@@ -288,24 +288,10 @@ class EntrainBatchSampler(Sampler[list[int]]):
         p = self._planned(i)
         return p.indices, p.batch, p.asg
 
-    def _planned(self, i: int) -> _Planned:
+    def _planned(self, i: int) -> StepBatch:
         step = self.step_of(i)
         if self._last is None or self._last.step != step:
-            indices = batch_indices(
-                len(self.workload), step, self.global_batch, self.seed, self.shuffle
-            )
-            w = self.workload.take(indices)
-            batch = cost_batch(w, self.spec, self.cost_model)
-            asg = assign(
-                self.policy,
-                batch,
-                self.dp_size,
-                self.microbatches,
-                self.lookahead,
-                self.pool,
-                max_deferred_tokens=self.max_deferred_tokens,
-            )
-            self._last = _Planned(step, indices, w, batch, asg)
+            self._last = self.recipe.step(self.workload, step)
         return self._last
 
     def iteration(self, i: int, rank: int | None = None) -> IterationAssignment:
@@ -327,10 +313,10 @@ class EntrainBatchSampler(Sampler[list[int]]):
             step=self.step_of(i), rank=rank, llm_microbatches=llm, encoder_microbatches=encoders
         )
 
-    def _encoder_view(self, enc, p: _Planned, rank: int) -> list[list[EncoderUnit]]:
+    def _encoder_view(self, enc, p: StepBatch, rank: int) -> list[list[EncoderUnit]]:
         """Per microbatch, the units of `enc` that `rank` computes, in unit order."""
         indices, asg, table = p.indices, p.asg, p.batch.units[enc.name]
-        modality, item, chunk = _unit_locations(enc, p.workload, table)
+        modality, item, chunk = _unit_locations(enc, p.samples, table)
         out: list[list[EncoderUnit]] = [[] for _ in range(self.microbatches)]
         for u in np.flatnonzero(asg.unit_replica[enc.name] == rank).tolist():
             s = int(table.sample[u])

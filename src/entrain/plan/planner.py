@@ -16,18 +16,18 @@ import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from entrain.cost.batch import CostedBatch
+from entrain.cost.batch import CostedBatch, common_unit
 from entrain.cost.flops import module_params
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
 from entrain.plan.memory import MemorySettings, plan_memory
-from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
-from entrain.sim.simulator import SimResult, simulate
+from entrain.schedule.steps import StepRecipe
 
 
 @dataclass(kw_only=True)
@@ -216,6 +216,12 @@ def estimate_time(
     return t
 
 
+Simulate = Callable[..., Any]
+"""`sim.simulator.simulate`'s signature: (batch, assignment, spec, plan, hardware, cost unit,
+record_events) -> a result with `iter_time`. The planner takes it as an argument: plan/ and
+sim/ sit side by side in the layers, neither importing the other."""
+
+
 class Planner:
     """Plans, simulates and caches assignments; one instance per (model, batches, hardware)."""
 
@@ -225,17 +231,14 @@ class Planner:
         batches: list[CostedBatch],
         hw: Hardware,
         cfg: PlannerConfig,
-        cost_unit: str = "flop",
+        *,
+        simulate: Simulate,
     ):
         if not batches:
             raise ValueError("the planner needs at least one global batch")
-        self.spec, self.batches, self.hw, self.cfg, self.cost_unit = (
-            spec,
-            batches,
-            hw,
-            cfg,
-            cost_unit,
-        )
+        self.spec, self.batches, self.hw, self.cfg = spec, batches, hw, cfg
+        self.cost_unit = common_unit(batches)
+        self._simulate = simulate
         self._assignments: dict[tuple, Assignment] = {}
 
     def estimate(self, plan: ParallelPlan, work: dict[str, float]) -> float:
@@ -245,24 +248,30 @@ class Planner:
         return estimate_time(self.spec, plan, work, self.hw, self.seconds, units)
 
     def seconds(self, work: float, tp: int) -> float:
-        return work / self.hw.flops(tp) if self.cost_unit == "flop" else work / self.hw.speedup(tp)
+        return self.hw.seconds(work, self.cost_unit, tp)
 
     def assignment(self, i: int, plan: ParallelPlan, policy: str) -> Assignment:
+        """Batch i's assignment under `plan` and `policy`, as the run's step recipe makes it
+        (Entrain with the plan's lookahead and pool)."""
         knobs = (plan.encoder_lookahead, plan.encoder_pool) if policy == "entrain" else (None, None)
         key = (i, plan.dp, plan.microbatches, policy, *knobs)
         if key not in self._assignments:
-            self._assignments[key] = assign(
-                policy, self.batches[i], plan.dp, plan.microbatches, *knobs
+            recipe = StepRecipe(
+                self.spec,
+                self.cfg.global_batch,
+                plan.dp,
+                plan.microbatches,
+                policy,
+                lookahead=knobs[0],
+                pool=knobs[1],
             )
+            self._assignments[key] = recipe.assign(self.batches[i])
         return self._assignments[key]
 
-    def simulate(
-        self, i: int, plan: ParallelPlan, policy: str, record_events: bool = False
-    ) -> SimResult:
+    def simulate(self, i: int, plan: ParallelPlan, policy: str, record_events: bool = False):
+        """Batch i under `plan` and `policy`, by the simulator the planner was given."""
         asg = self.assignment(i, plan, policy)
-        return simulate(
-            self.batches[i], asg, self.spec, plan, self.hw, self.cost_unit, record_events
-        )
+        return self._simulate(self.batches[i], asg, self.spec, plan, self.hw, record_events)
 
     def feasible(self, plans: list[ParallelPlan]) -> list[ParallelPlan]:
         """Plans whose every GPU fits in memory on the heaviest sampled batch, for

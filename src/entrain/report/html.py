@@ -21,6 +21,8 @@ from pathlib import Path
 
 import matplotlib
 
+from entrain.config import read_run_config
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -193,21 +195,22 @@ def run_sections(run_dir: Path) -> list[Section]:
     rows = _read_jsonl(metrics)
     if not rows:
         raise ValueError(f"{metrics}: no steps recorded")
-    cfg = (
-        json.loads((run_dir / "config.json").read_text())
-        if (run_dir / "config.json").exists()
-        else {}
-    )
+    try:  # a report needs only metrics.jsonl; the config adds the run's description
+        record = read_run_config(run_dir)
+    except ValueError:
+        record = None
+    cfg = record.config if record else None
     replay = replayer = None
-    if cfg.get("profile"):
+    if cfg is not None and cfg.profile:
         from entrain.sim.replay import RunReplayer
 
         replayer = RunReplayer(run_dir)
         replay = [replayer.simulate(r["step"]).iter_time for r in rows]
     intro = (
-        f"policy {cfg.get('policy', '?')}, model {Path(str(cfg.get('model', '?'))).name}, "
-        f"{cfg.get('world', '?')} ranks, global batch {cfg.get('global_batch', '?')} in "
-        f"{cfg.get('microbatches', '?')} microbatches, {len(rows)} steps"
+        f"policy {cfg.policy}, model {Path(cfg.model).name}, {record.world} ranks, global "
+        f"batch {cfg.global_batch} in {cfg.microbatches} microbatches, {len(rows)} steps"
+        if cfg is not None
+        else f"{len(rows)} steps (no config.json)"
     )
     table = [
         ["step", "loss", "seconds", "samples/s", "tokens/s"] + (["simulated s"] if replay else [])

@@ -38,9 +38,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-SLACK_ROWS = 4
-"""Rows of headroom per tensor in a capacity (sizes the plan derives from a manifest may be
-off by a rounding from what the files give)."""
+from entrain.runtime.messages import SLACK_ROWS, Transfer, capacity  # noqa: F401 (re-exported)
 
 
 class CommError(RuntimeError):
@@ -63,30 +61,6 @@ class TransferTooLarge(RuntimeError):
 class OutOfOrder(RuntimeError):
     """The runtime sent or received against the order both sides derived from the plan: a
     bug in the runtime, not in the data (on NCCL it would have delivered the wrong data)."""
-
-
-@dataclass(frozen=True)
-class Transfer:
-    """One message of an iteration, as both ends know it before it is sent."""
-
-    key: tuple
-    """What it carries, e.g. ("act", replica, stage, microbatch); unique in the iteration."""
-    src: int
-    dst: int
-    ids: tuple[int, ...]
-    """The sample or unit ids it carries, one per tensor, in order."""
-    size: int
-    """Bytes on the wire, exactly (the sender pads up to it)."""
-    what: str
-    """Words for error messages."""
-
-
-def capacity(meta: int, rows: Sequence[int], width: int, value_bytes: int = 4) -> int:
-    """Bytes of a message carrying `meta` integers and one (rows[i] <= r, width) tensor per
-    entry of `rows` of `value_bytes` a value, with SLACK_ROWS rows of headroom each."""
-    header = 1 + 1 + meta + 1 + 3 * len(rows)
-    values = sum(r + SLACK_ROWS for r in rows) * width
-    return 8 * header + value_bytes * values
 
 
 def _pack(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
+from entrain.config import DEVICES
 
 
 def check_device(name: str) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from entrain.config import TrainConfig, read_run_config
 from entrain.runtime import checkpoint
 from entrain.runtime.hf_load import INDEX, SafetensorsFolder
 
@@ -51,30 +52,27 @@ class Exported:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
 
 
-def _run_config(run: Path) -> tuple[Path, dict]:
-    """The run directory holding `run` (itself or a parent) and its config.json."""
+def _run_config(run: Path) -> tuple[Path, TrainConfig]:
+    """The run directory holding `run` (itself or a parent) and its typed config."""
     for folder in (run, *run.parents):
-        path = folder / "config.json"
-        if path.is_file():
+        if (folder / "config.json").is_file():
             try:
-                cfg = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
+                return folder, read_run_config(folder).config
+            except ValueError:
                 continue
-            if isinstance(cfg, dict) and "plan" in cfg and "policy" in cfg:
-                return folder, cfg
     raise ExportError(f"{run}: not inside a run directory (no config.json of `entrain train`)")
 
 
-def find_checkpoint(run: Path, cfg: dict, step: int | None) -> Path:
+def find_checkpoint(run: Path, cfg: TrainConfig, step: int | None) -> Path:
     """The checkpoint to export: `run` itself if it is one, else under the run's checkpoint
     folder the one after `step` steps or the latest complete one."""
     if (run / ".metadata").is_file():
         return run
     roots = [run] if list(run.glob(f"{checkpoint.PREFIX}*")) else []
-    for key in ("checkpoint_dir", "resume"):
-        if cfg.get(key):
-            roots.append(Path(cfg[key]))
-    roots.append(Path(cfg.get("out") or run) / "checkpoints")
+    for folder in (cfg.checkpoint_dir, cfg.resume):
+        if folder:
+            roots.append(Path(folder))
+    roots.append(Path(cfg.out or run) / "checkpoints")
     roots.append(run / "checkpoints")
     for root in roots:
         if step is not None:
@@ -206,10 +204,10 @@ def export(
     if not run.exists():
         raise ExportError(f"{run}: no such run directory or checkpoint")
     run_dir, cfg = _run_config(run.resolve())
-    source = Path(cfg.get("model") or "")
+    source = Path(cfg.model)
     if not (source / "config.json").is_file():
         raise ExportError(
-            f"{run_dir}: this run trained {cfg.get('model')!r}, which is not a Hugging Face "
+            f"{run_dir}: this run trained {cfg.model!r}, which is not a Hugging Face "
             "model folder; export needs a run started with --model DIR"
         )
     ckpt = find_checkpoint(run, cfg, step)
@@ -222,7 +220,7 @@ def export(
             f"--max-shard-size {max_shard_size!r}: expected e.g. 5GB or 500MB"
         ) from None
     metas = _weights(ckpt)
-    init = cfg.get("init_from")
+    init = cfg.init_from
     weights_from = source if init in ("same", None) else Path(init)
     files = SafetensorsFolder(weights_from) if init is not None else None
     main = {k: k for k in metas if not k.startswith("audio.")}
@@ -238,13 +236,13 @@ def export(
     output.mkdir(parents=True, exist_ok=True)
     result = Exported(output=output, checkpoint=ckpt, source=source)
     _copy_side_files(source, output)
-    if cfg.get("tokenizer"):
-        _copy_side_files(Path(cfg["tokenizer"]), output)
+    if cfg.tokenizer:
+        _copy_side_files(Path(cfg.tokenizer), output)
     _write(ckpt, metas, main, output, _dtype_chooser(files, dtype), cap, result)
     if dtype != "source" or files is None:
         _set_config_dtype(output, DTYPES.get(dtype, torch.float32))
     if any(k.startswith("audio.") for k in metas):
-        _export_audio(ckpt, metas, Path(cfg["audio_from"]), output, result)
+        _export_audio(ckpt, metas, Path(cfg.audio_from), output, result)
     return result
 
 

@@ -18,7 +18,6 @@ gradient clipping over the whole model.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -111,24 +110,6 @@ def state_bytes(opt: torch.optim.Optimizer | None) -> int:
         for v in st.values()
         if isinstance(v, torch.Tensor)
     )
-
-
-def lr_at(
-    step: int, lr: float, schedule: str, warmup: int, decay_steps: int, min_ratio: float
-) -> float:
-    """The learning rate of 0-based `step`: warm-up over `warmup` steps from lr/warmup, then
-    `schedule` from lr at the end of warm-up to lr * min_ratio at `decay_steps`."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    span = max(1, decay_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    if schedule == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        shape = 1.0 - progress
-    return lr * (min_ratio + (1.0 - min_ratio) * shape)
 
 
 def set_lr(opt: torch.optim.Optimizer | None, lr: float) -> None:

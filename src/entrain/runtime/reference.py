@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from entrain.config import recompute_of
 from entrain.runtime.engine import span_items
 from entrain.runtime.modules import enable_recompute
 from entrain.runtime.optim import (
@@ -25,7 +26,6 @@ from entrain.runtime.setup import (
     encode_units,
     make_step,
     open_dataset,
-    recompute_of,
     source_of,
 )
 

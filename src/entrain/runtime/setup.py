@@ -3,7 +3,7 @@ modules of a role, and the inputs of a unit."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from entrain.cost.batch import CostedBatch, cost_batch
+from entrain.config import TrainConfig, copies_of
+from entrain.cost.batch import CostedBatch
 from entrain.cost.flops import CostModel
 from entrain.cost.profile import Profile, load_profile
 from entrain.data.chat import ChatError, tokens_of
@@ -20,211 +21,16 @@ from entrain.data.codec import TextCodec
 from entrain.data.sequence import LayoutError, SampleTokens, workload_items
 from entrain.models.load import run_spec
 from entrain.models.spec import ModelSpec, VisionSpec
-from entrain.runtime.device import check_device
 from entrain.runtime.inputs import Record, SampleError, load_records
 from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.loader import Job, Key, Loader
-from entrain.runtime.optim import SCHEDULES, lr_at
 from entrain.runtime.source import HFSource, PresetSource, model_source
-from entrain.schedule import assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.columnar import Workload, batch_indices
 from entrain.workload.manifest import read_manifest
 
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    """A training run."""
-
-    data: str
-    """Training manifest (sizes, text and files of every sample)."""
-    model: str = "tiny"
-    """Model preset, spec file, or a Hugging Face model folder (config.json + safetensors)."""
-    init_from: str | None = "same"
-    """Weights of a model folder: "same" (the --model folder), another folder, or None
-    (random weights from --seed; for tests and small models)."""
-    audio_from: str | None = None
-    """A Whisper model folder whose encoder becomes the audio encoder (a new projector)."""
-    freeze: tuple[str, ...] = ()
-    """Modules that do not train (vision, audio, llm); a frozen encoder's projector trains."""
-    tokenizer: str | None = None
-    """Tokenizer folder (default: the model folder's own; presets use the byte tokenizer)."""
-    data_workers: int = 1
-    """Processes per encoder rank that decode the next step's images, videos and audio
-    while this step trains (0: decode on the rank itself, when needed)."""
-    cache_mb: float | None = 2048
-    """Most megabytes of decoded encoder inputs a rank keeps (least recently used out;
-    None: no bound)."""
-    policy: str = "entrain"
-    """Assignment policy."""
-    steps: int = 10
-    """Optimizer steps."""
-    global_batch: int = 16
-    """Samples per step, over all replicas."""
-    microbatches: int = 4
-    """Microbatches per replica per step."""
-    dp: int = 1
-    """Data-parallel replicas."""
-    pp: int | None = None
-    """LLM pipeline stages (default: the ranks left per replica after one per encoder)."""
-    lr: float = 1e-3
-    """Peak AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay, on matrices only (not on norm scales and biases)."""
-    lr_schedule: str = "constant"
-    """After warm-up: constant, cosine or linear decay to min_lr_ratio x lr at decay_steps."""
-    warmup_steps: int = 0
-    """Steps of linear warm-up from lr / warmup_steps to lr."""
-    decay_steps: int | None = None
-    """Step at which the decay reaches its floor (default: the run's length)."""
-    min_lr_ratio: float = 0.0
-    """The decay's floor, as a fraction of lr."""
-    clip_grad: float | None = 1.0
-    """Clip the gradient's global L2 norm over the whole model to this (None: no clipping)."""
-    precision: str = "auto"
-    """fp32, or bf16 compute (autocast) with fp32 weights and optimizer state, bf16 messages
-    between ranks; auto: bf16 on GPUs, fp32 on the CPU."""
-    profile_memory: bool = False
-    """Measure the last step's peak bytes of live tensors on every rank with torch's memory
-    profiler (OUT/memory-RANK.json): what the planner's memory model is held to."""
-    encoder_copies: str = ""
-    """Encoders on several ranks per replica, e.g. "vision=2": each copy encodes a share of
-    every encoder microbatch (split by cost), their gradients summed with the replicas'."""
-    shard_optimizer: bool = True
-    """ZeRO-1: with dp > 1, each replica of a module keeps the AdamW state of 1/dp of its
-    parameters (runtime/optim.py)."""
-    recompute: str = "none"
-    """Activation recompute per transformer block: none or full for every module, or per
-    module, e.g. "vision=full,llm=none" (a module not named: none)."""
-    seed: int = 0
-    shuffle: bool = True
-    """Shuffle the samples every epoch (seeded by seed and epoch)."""
-    lookahead: int | None | str = "auto"
-    """Entrain: microbatches an encoder may run ahead of the LLM (None: unlimited). A deeper
-    run-ahead balances more but delays the encoder's backward until the LLM's backward of a
-    later microbatch, and leaves more encoder backwards for the end of the step. "auto":
-    with a profile, the depth the simulator finds fastest on the first batches of the
-    data; without one, 1 (what the planner picks for trained encoders in most plans)."""
-    pool: int | None = None
-    """Entrain: replicas whose encoders share units (None: all)."""
-    timeout_s: float = 300.0
-    """Seconds a rank waits for a message before it fails naming what it waited for."""
-    out: str | None = None
-    """Directory for metrics.jsonl (and trace.json, params)."""
-    trace: bool = False
-    """Write a Chrome/Perfetto trace of the last step."""
-    save_params: bool = False
-    """Write every rank's parameters after the last step (used by the equivalence tests)."""
-    pin_cores: bool = False
-    """Pin each local rank to its own CPU core (steadier CPU timings)."""
-    device: str = "auto"
-    """Where ranks compute (runtime/device.py): "cuda" (a GPU per process with NCCL, or
-    shared GPUs with messages over gloo when there are fewer), "cpu" (gloo), or "auto": a
-    GPU per process when the node has enough, else the CPU."""
-    profile: str | None = None
-    """A measured profile (`entrain profile`): the assignment balances measured seconds
-    instead of FLOPs."""
-    checkpoint_every: int = 0
-    """Save a checkpoint every this many steps, and after the last (0: never)."""
-    checkpoint_dir: str | None = None
-    """Where checkpoints go (default: the --resume folder, else OUT/checkpoints)."""
-    resume: str | None = None
-    """Continue from the latest complete checkpoint in this folder (none yet: start fresh,
-    so a restarted run can pass the same flags)."""
-    keep_checkpoints: int = 2
-    max_deferred_tokens: int | None = None
-    """Entrain: most embedding tokens an LLM replica may hold for later microbatches."""
-    skip_bad: bool = False
-    """Leave out samples whose files are missing, corrupt or disagree with the manifest (and
-    samples over max_sample_tokens), logging each, instead of stopping."""
-    max_sample_tokens: int = 8192
-    """Most LLM tokens one sample may have (the runtime LLM's position limit)."""
-    validate: str = "full"
-    """Check samples against their files before training: "full" decodes every image
-    (catches truncated files), "headers" reads only headers (fast on large data; a file
-    broken past its header then fails when training reaches it), "off" skips the check."""
-
-    def _check_optim(self) -> None:
-        _finite("lr", self.lr)
-        _finite("weight_decay", self.weight_decay)
-        if self.clip_grad is not None and not (
-            math.isfinite(self.clip_grad) and self.clip_grad > 0
-        ):
-            raise ValueError(f"--clip-grad must be > 0 (or none), got {self.clip_grad!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ValueError(
-                f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}"
-            )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"--min-lr-ratio must be within [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(
-                f"--warmup-steps {self.warmup_steps}: the warm-up must fit in the run's "
-                f"{self.steps} steps"
-            )
-        if self.decay_steps is not None and not self.warmup_steps <= self.decay_steps <= self.steps:
-            raise ValueError(
-                f"--decay-steps {self.decay_steps}: the schedule must end within the run's "
-                f"{self.steps} steps, after the {self.warmup_steps} warm-up steps"
-            )
-
-    def lr_at(self, step: int) -> float:
-        """The learning rate of 0-based `step` (runtime/optim.py's schedule)."""
-        end = self.decay_steps if self.decay_steps is not None else self.steps
-        return lr_at(step, self.lr, self.lr_schedule, self.warmup_steps, end, self.min_lr_ratio)
-
-    def __post_init__(self) -> None:
-        check_device(self.device)
-        if isinstance(self.freeze, str):
-            self.freeze = tuple(x for x in self.freeze.split(",") if x)
-        self.freeze = tuple(self.freeze)
-        if self.init_from in ("none", ""):
-            self.init_from = None
-        self._check_optim()
-        recompute_of(self.recompute)  # refuses a bad value now, not on the ranks
-        copies_of(self.encoder_copies)
-        if self.data_workers < 0:
-            raise ValueError(f"--data-workers must be >= 0, got {self.data_workers}")
-        if self.cache_mb is not None and not self.cache_mb >= 0:
-            raise ValueError(f"--cache-mb must be >= 0, got {self.cache_mb}")
-        if self.validate not in ("full", "headers", "off"):
-            raise ValueError(f"--validate must be full, headers or off, got {self.validate!r}")
-        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
-            raise ValueError("--checkpoint-every must be >= 0 and --keep-checkpoints >= 1")
-        if self.max_deferred_tokens is not None and self.max_deferred_tokens < 0:
-            raise ValueError(f"--max-deferred-tokens must be >= 0, got {self.max_deferred_tokens}")
-        for name in ("steps", "global_batch", "microbatches", "dp"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        ok = self.lookahead is None or self.lookahead == "auto"
-        ok = ok or (isinstance(self.lookahead, int) and self.lookahead >= 0)
-        if not ok:
-            raise ValueError(f"--lookahead must be auto, unlimited or >= 0, got {self.lookahead!r}")
-        if self.global_batch % self.dp:
-            raise ValueError(
-                f"--global-batch {self.global_batch} is not divisible by --dp {self.dp}"
-            )
-
-
-def _finite(name: str, value: float, low: float = 0.0) -> None:
-    if not isinstance(value, int | float) or not math.isfinite(value) or value < low:
-        raise ValueError(
-            f"--{name.replace('_', '-')} must be a finite number >= {low}, got {value!r}"
-        )
-
-
-def copies_of(text: str) -> dict[str, int]:
-    """--encoder-copies as {encoder: copies}."""
-    out: dict[str, int] = {}
-    for part in filter(None, (x.strip() for x in text.split(","))):
-        name, _, n = part.partition("=")
-        if not name or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"--encoder-copies must be ENCODER=N,... with N >= 1, got {text!r}")
-        out[name] = int(n)
-    return out
+__all__ = ["Dataset", "SampleInputs", "Step", "TrainConfig", "make_step", "open_dataset"]
 
 
 def run_layout(cfg: TrainConfig, encoders: list[str], world: int) -> ParallelPlan:
@@ -254,22 +60,6 @@ def run_layout(cfg: TrainConfig, encoders: list[str], world: int) -> ParallelPla
         encoder_tp={e: 1 for e in encoders},
         encoder_dp={e: n for e, n in copies.items() if n > 1},
     )
-
-
-def recompute_of(text: str) -> dict[str, str]:
-    """--recompute as {module: none|full}; "*" for the modules it does not name."""
-    modes = ("none", "full")
-    if text in modes:
-        return {"*": text}
-    out: dict[str, str] = {"*": "none"}
-    for part in text.split(","):
-        module, _, mode = part.partition("=")
-        if not module or mode not in modes:
-            raise ValueError(
-                f"--recompute must be none, full, or MODULE=none|full,..., got {text!r}"
-            )
-        out[module.strip()] = mode
-    return out
 
 
 class Dataset:
@@ -412,22 +202,11 @@ def make_step(
 ) -> Step:
     """Step `step`'s samples, costs, assignment and plan (`value_bytes`: of a value on the
     wire, which sizes the transfers)."""
-    indices = data.batch_order(step, cfg.global_batch, cfg.seed, cfg.shuffle)
-    w = data.workload.take(indices)
-    batch = cost_batch(w, data.spec, cost_model)
-    asg = assign(
-        cfg.policy,
-        batch,
-        cfg.dp,
-        cfg.microbatches,
-        cfg.lookahead,
-        cfg.pool,
-        max_deferred_tokens=cfg.max_deferred_tokens,
-    )
+    sb = cfg.step_recipe(data.spec, cost_model).step(data.workload, step)
     plan = IterationPlan.build(
-        batch, asg, data.spec, llm_stages, item_locator(w), value_bytes, copies
+        sb.batch, sb.asg, data.spec, llm_stages, item_locator(sb.samples), value_bytes, copies
     )
-    return Step(indices, batch, asg, plan)
+    return Step(sb.indices, sb.batch, sb.asg, plan)
 
 
 def encode_units(
@@ -502,15 +281,9 @@ def resolve_lookahead(
         return None  # only entrain defers
     if profile is None:
         return 1
-    from entrain.plan.run import choose_lookahead
+    from entrain.sim.lookahead import choose_lookahead
 
-    model = profile.cost_model()
+    recipe = dataclasses.replace(cfg, lookahead=None).step_recipe(data.spec, profile.cost_model())
     n = min(batches, len(data) // cfg.global_batch)
-    costed = [
-        cost_batch(data.workload.take(data.batch_order(i, cfg.global_batch, cfg.seed, cfg.shuffle)),
-                   data.spec, model)
-        for i in range(n)
-    ]  # fmt: skip
-    return choose_lookahead(
-        data.spec, costed, plan, profile.hardware(), cfg.pool, cfg.max_deferred_tokens
-    )[0]
+    costed = [recipe.cost(data.workload.take(recipe.indices(len(data), i))) for i in range(n)]
+    return choose_lookahead(recipe, costed, plan, profile.hardware())[0]

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from entrain.config import RunRecord, recompute_of, with_absolute_paths
 from entrain.cost.batch import CostedBatch, cost_batch
-from entrain.report.trace import write_chrome_trace
 from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
 from entrain.runtime.device import Placement, place
@@ -55,7 +55,6 @@ from entrain.runtime.setup import (
     make_step,
     open_dataset,
     profile_of,
-    recompute_of,
     resolve_lookahead,
     run_layout,
     source_of,
@@ -586,7 +585,12 @@ def pin_to_core(rank: int) -> None:
         os.sched_setaffinity(0, {cores[int(os.environ.get("LOCAL_RANK", rank)) % len(cores)]})
 
 
-def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
+TraceWriter = Callable[[list, Path, str], None]
+"""Writes a step's events (rank, label, start, end) to a file: the report layer's business,
+handed in by the caller (the runtime does not import report/)."""
+
+
+def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = None) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
     placement = place(cfg.device)
     if not dist.is_initialized():
@@ -599,17 +603,9 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
     out = Path(cfg.out) if cfg.out else None
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # what `entrain runs --profile` needs to replay the run in the simulator
-        run_info = {
-            **dataclasses.asdict(trainer.cfg),
-            "plan": trainer.plan.to_dict(),
-            "world": world,
-        }
-        # paths absolute: replay and export work from any directory
-        for key in ("data", "profile", "model", "init_from", "audio_from", "tokenizer"):
-            if run_info[key] and os.path.exists(run_info[key]):
-                run_info[key] = os.path.abspath(run_info[key])
-        (out / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        # what replay (`entrain runs --simulate`), report and export read back, typed
+        record = RunRecord(with_absolute_paths(trainer.cfg), trainer.plan.to_dict(), world)
+        (out / "config.json").write_text(record.to_json(), encoding="utf-8")
     start = trainer.resume()
     if out and rank == 0:  # steps past the checkpoint are redone: their log lines go
         for log in ("metrics.jsonl", "samples.jsonl"):
@@ -648,8 +644,8 @@ def run(cfg: TrainConfig, progress: bool = True) -> list[dict]:
                 bar[0].update(
                     bar[1], advance=1, description=f"step {step + 1} loss {m['loss']:.4f}"
                 )
-            if out and rank == 0 and cfg.trace and step == cfg.steps - 1:
-                write_chrome_trace(events, out / "trace.json", name=f"entrain train ({cfg.policy})")
+            if out and rank == 0 and cfg.trace and on_trace and step == cfg.steps - 1:
+                on_trace(events, out / "trace.json", f"entrain train ({cfg.policy})")
         if out and cfg.save_params:
             trainer.save_params(out)
         dist.barrier()
@@ -680,12 +676,12 @@ def _progress(total: int, done: int = 0):
     return p, p.add_task("training", total=total, completed=done)
 
 
-def main_from_env(cfg: TrainConfig) -> int:
+def main_from_env(cfg: TrainConfig, on_trace: TraceWriter | None = None) -> int:
     """Entry under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment."""
     if "RANK" not in os.environ:
         raise ValueError("entrain train runs under torchrun; without it, pass --nproc P")
     try:
-        run(cfg)
+        run(cfg, on_trace=on_trace)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

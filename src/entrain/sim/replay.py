@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from entrain.cost.batch import cost_batch
+from entrain.config import RunRecord, read_run_config
 from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import run_spec
-from entrain.schedule import assign
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.simulator import SimResult, simulate
-from entrain.workload.columnar import batch_indices
 from entrain.workload.manifest import read_manifest
 
 
@@ -73,13 +71,12 @@ class Replay:
         }
 
 
-def _run_files(run_dir: Path) -> tuple[dict, list[dict]]:
-    cfg_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
-    for p in (cfg_path, metrics_path):
-        if not p.exists():
-            raise ValueError(f"{run_dir}: no {p.name} (was it trained with --out {run_dir}?)")
+def _run_files(run_dir: Path) -> tuple[RunRecord, list[dict]]:
+    record = read_run_config(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.exists():
+        raise ValueError(f"{run_dir}: no metrics.jsonl (was it trained with --out {run_dir}?)")
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
         rows = [
             json.loads(x)
             for x in metrics_path.read_text(encoding="utf-8").splitlines()
@@ -89,7 +86,7 @@ def _run_files(run_dir: Path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{run_dir}: broken run files ({e})") from None
     if not rows:
         raise ValueError(f"{metrics_path}: no steps recorded")
-    return cfg, rows
+    return record, rows
 
 
 class RunReplayer:
@@ -100,47 +97,39 @@ class RunReplayer:
 
     def __init__(self, run_dir: str | Path, profile: Profile | str | None = None):
         run_dir = Path(run_dir)
-        self.cfg, self.rows = _run_files(run_dir)
-        cfg = self.cfg
-        self.spec = run_spec(cfg["model"], cfg.get("audio_from"), cfg.get("freeze") or ())
+        record, self.rows = _run_files(run_dir)
+        self.cfg = cfg = record.config
+        self.spec = run_spec(cfg.model, cfg.audio_from, cfg.freeze)
         if profile is None:
-            if not cfg.get("profile"):
+            if not cfg.profile:
                 raise ValueError(
                     f"{run_dir} was trained without --profile; pass one (`entrain profile`) to "
                     "give the simulator measured seconds"
                 )
-            profile = cfg["profile"]
+            profile = cfg.profile
         if not isinstance(profile, Profile):
             profile = load_profile(profile)
         profile.check_spec(self.spec)
         self.timing = profile.cost_model()
-        self.balancing = load_profile(cfg["profile"]).cost_model() if cfg.get("profile") else None
+        self.balancing = load_profile(cfg.profile).cost_model() if cfg.profile else None
         self.hw = profile.hardware()
-        self.plan = ParallelPlan.from_dict(cfg["plan"])
-        workload = read_manifest(cfg["data"])
+        self.plan = ParallelPlan.from_dict(record.plan)
+        workload = read_manifest(cfg.data)
         skipped = run_dir / "skipped.jsonl"
         if skipped.exists():  # the runtime trained without these: its data order skips them
             bad = {json.loads(x)["id"] for x in skipped.read_text(encoding="utf-8").splitlines()}
             workload = workload.take(np.flatnonzero([i not in bad for i in workload.ids]))
         self.workload = workload
+        self.recipe = cfg.step_recipe(self.spec, self.balancing).replace(
+            dp=self.plan.dp, microbatches=self.plan.microbatches
+        )
 
     def simulate(self, step: int, record_events: bool = False) -> SimResult:
-        cfg, spec, plan = self.cfg, self.spec, self.plan
-        idx = batch_indices(
-            len(self.workload), step, cfg["global_batch"], cfg["seed"], cfg["shuffle"]
-        )
-        w = self.workload.take(idx)
-        asg = assign(
-            cfg["policy"],
-            cost_batch(w, spec, self.balancing),
-            plan.dp,
-            plan.microbatches,
-            cfg["lookahead"],
-            cfg["pool"],
-            max_deferred_tokens=cfg.get("max_deferred_tokens"),
-        )
-        timed = cost_batch(w, spec, self.timing)
-        return simulate(timed, asg, spec, plan, self.hw, "s", record_events=record_events)
+        """Step `step` as the run built it (its step recipe, balanced by the run's own cost
+        model), timed by the replay's profile."""
+        sb = self.recipe.step(self.workload, step)
+        timed = self.recipe.replace(cost_model=self.timing).cost(sb.samples)
+        return simulate(timed, sb.asg, self.spec, self.plan, self.hw, record_events=record_events)
 
 
 def replay_run(
@@ -161,4 +150,4 @@ def replay_run(
                 simulated_busy=res.busy,
             )
         )
-    return Replay(run=str(run_dir), policy=rp.cfg["policy"], steps=out, warmup=warmup)
+    return Replay(run=str(run_dir), policy=rp.cfg.policy, steps=out, warmup=warmup)

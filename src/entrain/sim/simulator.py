@@ -120,14 +120,6 @@ class _Graph:
         return np.asarray(start), np.asarray(finish)
 
 
-def _seconds(work: np.ndarray, unit: str, hw: Hardware, tp: int) -> np.ndarray:
-    """Seconds of `work` on a TP group: FLOPs over achieved FLOP/s, or measured seconds
-    (taken on one GPU) over the TP speed-up."""
-    if unit == "flop":
-        return work / hw.flops(tp)
-    return work / hw.speedup(tp)
-
-
 def _bin_sum(bins: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(bins, weights=weights, minlength=n)
 
@@ -149,10 +141,9 @@ def simulate(
     spec: ModelSpec,
     plan: ParallelPlan,
     hw: Hardware,
-    cost_unit: str = "flop",
     record_events: bool = False,
 ) -> SimResult:
-    """Simulate one iteration of `asg` under `plan` on `hw`."""
+    """Simulate one iteration of `asg` under `plan` on `hw`, in the batch's own cost unit."""
     D, M, P = asg.dp, asg.microbatches, plan.llm_pp
     if (plan.dp, plan.microbatches) != (D, M):
         raise ValueError(
@@ -160,6 +151,7 @@ def simulate(
         )
     plan.check_modules(tuple(batch.units))
     B = D * M
+    unit = batch.unit
     same_node = plan.gpus_per_replica <= hw.gpus_per_node
     link = hw.link(same_node)
     value_bytes = hw.bytes_per_value
@@ -179,8 +171,8 @@ def simulate(
     call_f, call_b = batch.call_cost.get("llm", (0.0, 0.0))
     f_llm = _bin_sum(llm_bin, batch.llm_fwd, B) + call_f * runs
     b_llm = _bin_sum(llm_bin, batch.llm_bwd, B) + call_b * runs
-    f_llm = _seconds(f_llm / P, cost_unit, hw, plan.llm_tp)
-    b_llm = _seconds(b_llm / P, cost_unit, hw, plan.llm_tp)
+    f_llm = hw.seconds(f_llm / P, unit, plan.llm_tp)
+    b_llm = hw.seconds(b_llm / P, unit, plan.llm_tp)
     act_lat = tok_bin * spec.llm.hidden_size * value_bytes / plan.llm_tp / link + hw.latency
     F = np.zeros((P, B), dtype=np.int64)  # node id of forward of stage s, bin j
     Bk = np.zeros((P, B), dtype=np.int64)
@@ -210,8 +202,8 @@ def simulate(
         ebin = asg.unit_bin(enc.name)
         runs = np.bincount(ebin, minlength=B) > 0
         call_f, call_b = batch.call_cost.get(enc.name, (0.0, 0.0))
-        f_enc = _seconds(_split(ebin, u.fwd, B, copies) + call_f * runs, cost_unit, hw, tp)
-        b_enc = _seconds(_split(ebin, u.bwd, B, copies) + call_b * runs, cost_unit, hw, tp)
+        f_enc = hw.seconds(_split(ebin, u.fwd, B, copies) + call_f * runs, unit, tp)
+        b_enc = hw.seconds(_split(ebin, u.bwd, B, copies) + call_b * runs, unit, tp)
         trains = bool(u.bwd.sum() > 0) or not enc.frozen
         # LLM microbatch of each unit's sample; the last one each encoder bin feeds
         ubin = llm_bin[u.sample]
@@ -269,7 +261,7 @@ def simulate(
             grad_bytes = params[m] / shards[m] * value_bytes
             done += 2 * (n_rep - 1) / n_rep * grad_bytes / dp_link
         if trains_mod.get(m, True):
-            done += _seconds(np.float64(batch.step_cost.get(m, 0.0)) / shards[m], cost_unit, hw, 1)
+            done += hw.seconds(np.float64(batch.step_cost.get(m, 0.0)) / shards[m], unit, 1)
         end = max(end, done)
     dur = np.asarray(g.dur)
     dev_of = np.asarray(g.device)

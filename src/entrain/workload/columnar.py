@@ -136,5 +136,12 @@ def batch_indices(n: int, step: int, global_batch: int, seed: int, shuffle: bool
     if per_epoch == 0:
         raise ValueError(f"the data has {n} samples, fewer than one global batch ({global_batch})")
     epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
     return order[i * global_batch : (i + 1) * global_batch]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of n samples in one epoch. Training, the sampler, the replay and a
+    seeded `entrain analyze`/`plan` all draw it from here, so a seed means the same batches
+    everywhere."""
+    return np.random.default_rng([seed, epoch]).permutation(n)

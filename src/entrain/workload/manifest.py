@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from entrain.workload.columnar import MODALITY_FIELDS, ItemTable, Workload
+from entrain.workload.columnar import MODALITY_FIELDS, ItemTable, Workload, epoch_order
 
 
 class ManifestError(ValueError):
@@ -270,3 +270,27 @@ def write_manifest(
                 on_progress(len(chunk))
     os.replace(tmp, path)
     return written
+
+
+def global_batches(
+    manifest: str | os.PathLike,
+    global_batch: int,
+    iterations: int = 0,
+    seed: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> Iterator[Workload]:
+    """The first `iterations` global batches of a manifest (all when 0), in manifest order or
+    shuffled by `seed` as a training epoch would; the last one may be a tail smaller than a
+    global batch, which the caller decides about."""
+    if seed is None:
+        source = iter_batches(manifest, global_batch, on_progress)
+    else:
+        w = read_manifest(manifest)
+        if on_progress:
+            on_progress(len(w))
+        w = w.take(epoch_order(len(w), seed, 0))  # the first epoch of a run with this seed
+        source = (w.slice(s, min(s + global_batch, len(w))) for s in range(0, len(w), global_batch))
+    for used, batch in enumerate(source, 1):
+        yield batch
+        if iterations and used >= iterations:
+            return

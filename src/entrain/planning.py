@@ -1,4 +1,6 @@
-"""What `entrain plan` and `entrain simulate` do, as functions returning plain data."""
+"""What `entrain plan` and `entrain simulate` do, as functions returning plain data: the
+planner wired to the simulator (plan/ and sim/ do not import each other), batches read
+from a manifest."""
 
 from __future__ import annotations
 
@@ -7,14 +9,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from entrain.analyze import AnalyzeConfig, global_batches
 from entrain.cost.batch import CostedBatch, cost_batch
 from entrain.cost.flops import CostModel, analytic_cost_model
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
 from entrain.plan.planner import Planner, PlannerConfig, PlanResult
 from entrain.schedule.parallel import ParallelPlan
-from entrain.sim.simulator import SimResult
+from entrain.sim.simulator import SimResult, simulate
+from entrain.workload.manifest import global_batches
 
 
 def load_batches(
@@ -28,11 +30,8 @@ def load_batches(
     """The first `iterations` full global batches of a manifest, costed (a manifest smaller
     than one global batch gives that one short batch)."""
     model = cost_model or analytic_cost_model(spec)
-    cfg = AnalyzeConfig(
-        dp=1, microbatches=1, global_batch=global_batch, iterations=iterations, seed=seed
-    )
     out = []
-    for w in global_batches(manifest, cfg):
+    for w in global_batches(manifest, global_batch, iterations, seed):
         if len(w) < global_batch and out:
             break
         out.append(cost_batch(w, spec, model))
@@ -44,11 +43,20 @@ def run_plan(
     batches: list[CostedBatch],
     hw: Hardware,
     cfg: PlannerConfig,
-    cost_unit: str = "flop",
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[Planner, PlanResult]:
-    planner = Planner(spec, batches, hw, cfg, cost_unit)
+    planner = make_planner(spec, batches, hw, cfg)
     return planner, planner.plan(on_progress)
+
+
+def make_planner(
+    spec: ModelSpec,
+    batches: list[CostedBatch],
+    hw: Hardware,
+    cfg: PlannerConfig,
+) -> Planner:
+    """A planner that simulates with the discrete-event simulator (in the batches' unit)."""
+    return Planner(spec, batches, hw, cfg, simulate=simulate)
 
 
 def simulate_policies(
@@ -82,43 +90,3 @@ def simulate_policies(
             if b != p
         }
     return out, events
-
-
-def choose_lookahead(
-    spec: ModelSpec,
-    batches: list[CostedBatch],
-    plan: ParallelPlan,
-    hw: Hardware,
-    pool: int | None = None,
-    max_deferred_tokens: int | None = None,
-    candidates: tuple[int | None, ...] = (0, 1, 2, None),
-) -> tuple[int | None, dict]:
-    """Entrain's deferral depth for a fixed plan: the candidate with the least simulated
-    time over `batches` (ties go to the shallower, which holds fewer embeddings).
-    `batches` are costed in seconds (a measured profile). Returns (depth, {depth: time})."""
-    from entrain.schedule import assign
-    from entrain.sim.simulator import simulate
-
-    times = {}
-    for a in candidates:
-        times[a] = sum(
-            simulate(
-                b,
-                assign(
-                    "entrain",
-                    b,
-                    plan.dp,
-                    plan.microbatches,
-                    a,
-                    pool,
-                    max_deferred_tokens=max_deferred_tokens,
-                ),
-                spec,
-                plan,
-                hw,
-                "s",
-            ).iter_time
-            for b in batches
-        )  # fmt: skip
-    best = min(candidates, key=lambda a: (round(times[a], 9), 99 if a is None else a))
-    return best, times
