@@ -115,3 +115,21 @@ def test_the_runtime_does_need_torch(module):
     code = f"import sys; sys.modules['torch'] = None; import {module}"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "torch" in r.stderr
+
+
+def test_each_cli_module_defines_its_subcommands_in_short_functions():
+    """Every subcommand's parser lives in its own cli_*.py, none longer than ~60 lines (the
+    single 300-line parser function was where defaults drifted apart)."""
+    long = []
+    for f in sorted(SRC.glob("cli*.py")):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and "parser" in node.name:
+                n = node.end_lineno - node.lineno + 1
+                if n > 65:
+                    long.append(f"{f.name}:{node.lineno} {node.name} is {n} lines")
+    assert not long, "\n".join(long)
+    from entrain.cli import SUBCOMMANDS, build_parser
+
+    assert len(SUBCOMMANDS) == 11
+    assert all(a.__module__ != "entrain.cli" for a in SUBCOMMANDS)
+    build_parser()

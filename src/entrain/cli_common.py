@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from entrain.schedule import POLICIES
 
 
 class UserError(Exception):
@@ -36,3 +39,24 @@ def stdout_console() -> Console:
     the output goes to a file or a pipe."""
     probe = Console()
     return probe if probe.is_terminal else Console(width=160)
+
+
+def add_policies(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        default=list(POLICIES),
+        choices=list(POLICIES),
+        metavar="POLICY",
+        help=f"policies to {verb} (default: all of {', '.join(POLICIES)})",
+    )
+
+
+def device_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """--device, as train and profile take it (runtime/device.py resolves it)."""
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help=f"{what}; default auto: the GPUs when CUDA has any, else the CPU",
+    )

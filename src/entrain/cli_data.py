@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from entrain.cli_common import UserError, progress_bar
+from entrain.workload.traces import GENERATORS
 
 # The reader names, spelled here so that building the parser does not import the readers
 # (entrain.data pulls in torch); a test checks they match READERS.
@@ -129,4 +130,94 @@ def cmd_manifest(args: argparse.Namespace, err: Console) -> int:
         f"(text tokens: {escape(summary.tokenizer)})",
         highlight=False,
     )
+    return 0
+
+
+def add_trace_parser(sub) -> argparse.ArgumentParser:
+    """`entrain trace generate`: synthetic manifests shaped like public data sets."""
+    trace = sub.add_parser("trace", help="synthetic traces shaped like public data sets")
+    tsub = trace.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
+    gen = tsub.add_parser(
+        "generate",
+        help="write a synthetic manifest",
+        description="Write a JSON Lines manifest whose samples follow the statistics of a public "
+        "data set (docs/analysis.md lists the sources).",
+    )
+    gen.add_argument(
+        "--kind", required=True, choices=sorted(GENERATORS), help="which data set to imitate"
+    )
+    gen.add_argument("--n", type=int, required=True, help="number of samples")
+    gen.add_argument(
+        "--seed", type=int, default=0, help="random seed (same seed, same trace; default 0)"
+    )
+    gen.add_argument("-o", "--output", required=True, help="manifest file to write (.jsonl)")
+    gen.set_defaults(func=cmd_trace_generate)
+    return trace
+
+
+def cmd_trace_generate(args: argparse.Namespace, err: Console) -> int:
+    from entrain.workload.traces import write_trace
+
+    if args.n <= 0:
+        raise UserError(f"--n must be positive, got {args.n}")
+    with progress_bar(f"writing {args.kind}", args.n, err) as advance:
+        n = write_trace(args.kind, args.n, args.seed, args.output, on_progress=advance)
+    err.print(f"wrote {n} samples of kind {args.kind!r} (seed {args.seed}) to {args.output}")
+    return 0
+
+
+def add_demo_data_parser(sub) -> argparse.ArgumentParser:
+    """`entrain demo-data`: a small real data set (PNG, WAV, MP4, captions or chats)."""
+    dd = sub.add_parser(
+        "demo-data",
+        help="make a small real image/audio/caption data set",
+        description="Write PNG images of varied sizes and counts per sample, WAV "
+        "clips and captions, and a training manifest describing them.",
+    )
+    dd.add_argument("-o", "--output", required=True, help="directory to write")
+    dd.add_argument("--n", type=int, default=96, help="samples (default 96)")
+    dd.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    dd.add_argument(
+        "--chat",
+        action="store_true",
+        help="conversations (a user turn with the items and a question, the caption as the "
+        "assistant's answer: the loss on the answer only) instead of plain captions",
+    )
+    dd.add_argument(
+        "--video",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of samples with a short video (MPEG-4 files and folders of PNG frames; "
+        "default 0)",
+    )
+    dd.add_argument(
+        "--model",
+        default=None,
+        metavar="DIR",
+        help="a Hugging Face model folder: count text tokens with its tokenizer and "
+        "placeholders, so the data trains with `entrain train --model DIR` (default: the "
+        "byte tokenizer of the presets)",
+    )
+    dd.set_defaults(func=cmd_demo_data)
+    return dd
+
+
+def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
+    from entrain.runtime.demo_data import make_demo_data
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    if not 0 <= args.video <= 1:
+        raise UserError(f"--video must be a share between 0 and 1, got {args.video}")
+    codec = None
+    if args.model:
+        from entrain.data.codec import HFCodec
+        from entrain.models.hf import hf_model
+
+        codec = HFCodec(args.model, hf_model(args.model))
+    path = make_demo_data(
+        args.output, args.n, seed=args.seed, codec=codec, chat=args.chat, video_share=args.video
+    )
+    err.print(f"wrote {args.n} samples (PNG images, WAV clips, captions) and {path}")
     return 0

@@ -35,3 +35,40 @@ def cmd_export(args: argparse.Namespace, err: Console) -> int:
         "load it with transformers' from_pretrained"
     )
     return 0
+
+
+def add_export_parser(sub) -> argparse.ArgumentParser:
+    """`entrain export RUN -o DIR`: a trained run as a Hugging Face model folder."""
+    ex = sub.add_parser(
+        "export",
+        help="write a trained run's checkpoint as a Hugging Face model folder",
+        description="Gather every rank's part of a checkpoint of a run started from a Hugging "
+        "Face model folder and write a folder that transformers loads "
+        "(from_pretrained): the source folder's config, tokenizer and processor files, and "
+        "the trained weights as safetensors shards under the source's tensor names.",
+    )
+    ex.add_argument("run", help="run directory (entrain train --out), or a checkpoint folder")
+    ex.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="the checkpoint after this many steps (default: the latest complete one)",
+    )
+    ex.add_argument("-o", "--output", required=True, help="folder to write")
+    ex.add_argument(
+        "--dtype",
+        default="source",
+        choices=("source", "float32", "bfloat16", "float16"),
+        help="dtype of the written weights (default: the source checkpoint's)",
+    )
+    ex.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors file, as transformers writes them (default 5GB)",
+    )
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    ex.add_argument("--json", action="store_true", help="print what was written as JSON")
+    ex.set_defaults(func=cmd_export)
+    return ex

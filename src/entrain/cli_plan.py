@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from entrain.cli_common import UserError, progress_bar, stdout_console
+from entrain.cli_common import UserError, add_policies, progress_bar, stdout_console
+from entrain.schedule import POLICIES
 
 
 def _planner_inputs(args: argparse.Namespace, err: Console):
@@ -202,3 +203,93 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
             "(open it in ui.perfetto.dev)"
         )
     return 0
+
+
+def _add_planner_flags(sp: argparse.ArgumentParser) -> None:
+    """What plan and simulate both read: the data, the model, the cluster, the run's sizes."""
+    sp.add_argument("manifest", help="JSON Lines manifest")
+    sp.add_argument(
+        "--model", required=True, help="model preset, spec file or Hugging Face model folder"
+    )
+    sp.add_argument("--gpus", type=int, required=True, help="GPUs G the plan uses")
+    sp.add_argument(
+        "--hardware", default="h100", help="hardware profile: h100, h200, a100 (default h100)"
+    )
+    sp.add_argument(
+        "--profile",
+        default=None,
+        help="measured profile (entrain profile): its seconds and machine replace the "
+        "FLOPs model and --hardware",
+    )
+    sp.add_argument(
+        "--global-batch", type=int, default=None, help="samples per iteration (default 16 per GPU)"
+    )
+    sp.add_argument(
+        "--microbatch-size",
+        type=float,
+        default=16.0,
+        help="samples per microbatch: ~16 is the wide regime, 1-2 narrow (default 16)",
+    )
+    sp.add_argument(
+        "--iterations", type=int, default=4, help="global batches to sample (default 4)"
+    )
+    sp.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("bf16", "fp32"),
+        help="the run's precision, for its memory (default bf16, as on GPUs)",
+    )
+    sp.add_argument(
+        "--recompute",
+        default="full",
+        choices=("full", "none"),
+        help="whether the run recomputes activations, for its memory (default full)",
+    )
+    sp.add_argument(
+        "--tp",
+        default="1",
+        metavar="DEGREES",
+        help="tensor-parallel degrees to consider, e.g. 1,2,4,8 (default 1: the layouts "
+        "`entrain train` runs; larger degrees are simulated only)",
+    )
+    sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def add_plan_parser(sub) -> argparse.ArgumentParser:
+    """`entrain plan MANIFEST --model M --gpus G`: one static plan for a cluster."""
+    sp = sub.add_parser(
+        "plan",
+        help="choose one static parallel plan for a cluster",
+        description="Enumerate the plans (GPUs per encoder, LLM pipeline and tensor degrees, "
+        "data parallelism, Entrain's deferral depth) that fit the GPUs and their memory, "
+        "simulate the most promising on sampled global batches and keep the fastest. Also "
+        "reports the dynamic oracle, which re-plans for every batch, and static_over_oracle.",
+    )
+    _add_planner_flags(sp)
+    sp.add_argument(
+        "--policy",
+        default="entrain",
+        choices=list(POLICIES),
+        help="policy the plans are simulated with (default entrain)",
+    )
+    sp.add_argument("-o", "--output", help="write the plan (JSON) here, for simulate --plan")
+    sp.add_argument("--plot", help="save the static-vs-oracle figure (PNG) here")
+    sp.set_defaults(func=cmd_plan)
+    return sp
+
+
+def add_simulate_parser(sub) -> argparse.ArgumentParser:
+    """`entrain simulate MANIFEST --model M --gpus G`: every policy on one plan."""
+    sp = sub.add_parser(
+        "simulate",
+        help="simulate every policy on a plan",
+        description="Simulate one training iteration per sampled global batch for every "
+        "policy, on a plan from --plan or chosen now, and report iteration time, throughput, "
+        "bubbles and speed-ups.",
+    )
+    _add_planner_flags(sp)
+    sp.add_argument("--plan", help="plan JSON from `entrain plan -o` (default: plan now)")
+    add_policies(sp, "simulate")
+    sp.add_argument("--trace", help="write a Chrome/Perfetto trace of entrain's first batch here")
+    sp.set_defaults(func=cmd_simulate)
+    return sp

@@ -1,5 +1,5 @@
-"""The commands around real runs: `entrain train`, `profile`, `runs`, `report` and
-`demo-data`."""
+"""The commands that run the model: `entrain train` (launching torchrun when asked) and
+`entrain profile`."""
 
 from __future__ import annotations
 
@@ -12,27 +12,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from entrain.cli_common import UserError, progress_bar, stdout_console
-
-
-def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
-    from entrain.runtime.demo_data import make_demo_data
-
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
-    if not 0 <= args.video <= 1:
-        raise UserError(f"--video must be a share between 0 and 1, got {args.video}")
-    codec = None
-    if args.model:
-        from entrain.data.codec import HFCodec
-        from entrain.models.hf import hf_model
-
-        codec = HFCodec(args.model, hf_model(args.model))
-    path = make_demo_data(
-        args.output, args.n, seed=args.seed, codec=codec, chat=args.chat, video_share=args.video
-    )
-    err.print(f"wrote {args.n} samples (PNG images, WAV clips, captions) and {path}")
-    return 0
+from entrain.cli_common import UserError, device_flag, stdout_console
+from entrain.workload.traces import GENERATORS
 
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
@@ -221,49 +202,6 @@ def _launcher_noise_removed(lines):
     yield from held
 
 
-def cmd_runs(args: argparse.Namespace, err: Console) -> int:
-    from entrain.report.runs import summarize
-
-    if args.warmup < 0:
-        raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    rows = [summarize(d, args.warmup) for d in args.runs]
-    if args.profile or args.simulate:
-        from entrain.sim.replay import replay_run
-
-        for r in rows:
-            rep = replay_run(r["run"], args.profile, args.warmup)
-            r.update(measured_iter_time=rep.measured, simulated_iter_time=rep.simulated)
-            r["simulation_error"] = rep.error
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    sim = "simulated_iter_time" in rows[0]
-    table = Table(title=f"training runs (medians after {args.warmup} warm-up steps)")
-    cols = ["run", "steps", "samples/s", "tokens/s", "loss first -> last", "vs first run"]
-    if sim:
-        cols += ["iter time (s)", "simulated (s)", "error"]
-    for col in cols:
-        table.add_column(col, justify="left" if col == "run" else "right")
-    for r in rows:
-        cells = [
-            r["run"],
-            str(r["steps"]),
-            f"{r['samples_per_s']:.1f}",
-            f"{r['tokens_per_s']:,.0f}",
-            f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
-            f"{r['samples_per_s'] / rows[0]['samples_per_s']:.3f}x",
-        ]
-        if sim:
-            cells += [
-                f"{r['measured_iter_time']:.4f}",
-                f"{r['simulated_iter_time']:.4f}",
-                f"{100 * r['simulation_error']:+.1f}%",
-            ]
-        table.add_row(*cells)
-    stdout_console().print(table)
-    return 0
-
-
 def cmd_profile(args: argparse.Namespace, err: Console) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
@@ -359,10 +297,43 @@ def _print_profile(profile, path: str, source: str) -> None:
     con.print(f"profile written to {path}; use it with --profile in simulate, plan and train")
 
 
-def cmd_report(args: argparse.Namespace, err: Console) -> int:
-    from entrain.report.html import write_report
-
-    with progress_bar("drawing", None, err):
-        n = write_report(args.source, args.output)
-    err.print(f"wrote {args.output} ({n} figure(s)); open it in a browser")
-    return 0
+def add_profile_parser(sub) -> argparse.ArgumentParser:
+    """`entrain profile`: time the real modules and fit the cost model."""
+    pr = sub.add_parser(
+        "profile",
+        help="time the real modules here and fit the cost model (for --profile)",
+        description="Run the model's real modules on whole microbatches of varied sizes (drawn "
+        "from --data, or from a synthetic trace), time forward and backward apart, and "
+        "fit each module's cost a*x + b*x^2 + c0 per unit plus a constant per run by least "
+        "squares. With --nproc 2 or more, every process profiles at once (the machine is "
+        "as busy as in training) and two of them time real sends for the link. The "
+        "profile replaces the FLOPs model in simulate, plan and train (--profile).",
+    )
+    pr.add_argument(
+        "--model",
+        default="tiny",
+        help="model preset, spec file or Hugging Face model folder (its architecture, random "
+        "weights: values do not change the time of dense math; default tiny)",
+    )
+    pr.add_argument("-o", "--output", default="profile.json", help="where to write the profile")
+    src = pr.add_mutually_exclusive_group()
+    src.add_argument("--data", help="manifest whose sample sizes to profile on (recommended)")
+    src.add_argument(
+        "--trace",
+        choices=list(GENERATORS),
+        help="synthetic trace to draw sizes from (default: omni with audio, else interleaved)",
+    )
+    pr.add_argument("--samples", type=int, default=256, help="trace samples (default 256)")
+    pr.add_argument(
+        "--runs", type=int, default=40, help="timed microbatches per module and process (40)"
+    )
+    pr.add_argument(
+        "--max-samples", type=int, default=8, help="most samples in a microbatch (default 8)"
+    )
+    pr.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pr.add_argument("--nproc", type=int, default=2, help="processes (default 2; 1 skips the link)")
+    pr.add_argument("--pin-cores", action="store_true", help="pin each process to its own core")
+    device_flag(pr, "where to time the modules (profile where you train)")
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON")
+    pr.set_defaults(func=cmd_profile, argv=None)
+    return pr
