@@ -13,7 +13,7 @@ OUT := out
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,plot,test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[train,plot,tensorboard,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

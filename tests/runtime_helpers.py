@@ -58,3 +58,12 @@ def assert_matches_reference(out: Path, cfg: TrainConfig) -> None:
     # and the step did change the weights (a test that could not fail would pass here too)
     init = reference_params(cfg, steps=0)
     assert any(not torch.equal(init[n], ref[n]) for n in ref)
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of TensorBoard event files, as (step, value) in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}

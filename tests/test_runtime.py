@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runtime_helpers import assert_matches_reference, train
+from runtime_helpers import assert_matches_reference, read_scalars, train
 
 from entrain.runtime.demo_data import make_demo_data
 from entrain.runtime.setup import TrainConfig
@@ -83,12 +83,18 @@ def test_loss_decreases_over_30_steps(demo, tmp_path):
         "2",
         "--lr",
         "3e-3",
+        "--tensorboard",
     )
     losses = [
         json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    # the TensorBoard events hold the same numbers as metrics.jsonl
+    board = read_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in board["loss"]] == list(range(30))
+    assert [v for _, v in board["loss"]] == pytest.approx(losses, rel=1e-6)
+    assert {"iter_time", "lr", "samples_per_s"} <= set(board)
 
 
 def test_empty_microbatches_text_only_and_deferral(tmp_path):

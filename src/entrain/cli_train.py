@@ -84,8 +84,21 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
     _check_device(cfg.device, args.nproc)
     _check_layout(cfg, args.nproc)
     _check_model(cfg, err)
+    _check_tensorboard(cfg)
     argv = sys.argv[1:] if args.argv is None else args.argv
     return _launch_torchrun(args.nproc, argv, args.max_restarts)
+
+
+def _check_tensorboard(cfg) -> None:
+    """--tensorboard needs an optional package: say so before any process starts."""
+    import importlib.util
+
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError(
+            "--tensorboard needs the tensorboard package: pip install 'entrain[tensorboard]'"
+        )
+    if cfg.tensorboard and not cfg.out:
+        raise UserError("--tensorboard writes next to metrics.jsonl: give --out DIR too")
 
 
 def _check_layout(cfg, nproc: int) -> None:

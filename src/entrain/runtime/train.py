@@ -34,6 +34,7 @@ from entrain.runtime.device import Placement, place
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.grads import GradReducer
 from entrain.runtime.inputs import load_records
+from entrain.runtime.logbook import Logbook
 from entrain.runtime.modules import enable_recompute
 from entrain.runtime.optim import (
     clip_coefficient,
@@ -613,11 +614,7 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
     dist.barrier()
     history = []
     bar = _progress(cfg.steps, start) if (progress and rank == 0) else None
-    logs = {
-        name: open(out / f"{name}.jsonl", "a", encoding="utf-8")
-        for name in ("metrics", "samples")
-        if out and rank == 0
-    }
+    logs = Logbook(out, start, cfg.tensorboard) if out and rank == 0 else None
     ahead = PlanAhead(trainer.prepare, cfg.steps)
     try:
         for step in range(start, cfg.steps):
@@ -632,10 +629,7 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
             consumed = m.pop("_samples")
             history.append(m)
             if logs:
-                logs["metrics"].write(json.dumps(m) + "\n")
-                logs["samples"].write(json.dumps({"step": step, "samples": consumed}) + "\n")
-                for f in logs.values():
-                    f.flush()
+                logs.write(step, m, consumed)
             if trainer.checkpoint_root and (
                 (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
             ):
@@ -655,8 +649,8 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
     finally:
         ahead.close()
         trainer.data.loader.close()
-        for f in logs.values():
-            f.close()
+        if logs:
+            logs.close()
         if bar:
             bar[0].stop()
     return history
