@@ -9,6 +9,8 @@ from __future__ import annotations
 import sys
 import time
 
+from results import Section  # benchmarks/results.py: docs/results.md
+
 from entrain.cost import cost_batch
 from entrain.cost.hardware import HARDWARE
 from entrain.models import load_spec
@@ -19,8 +21,15 @@ from entrain.workload.traces import generate_workload
 
 BUDGET_S = 2.0
 
+INTRO = (
+    "One iteration of the omni trace on 1024 simulated H100s (`benchmarks/bench_sim.py`):"
+    " how long the policy and the discrete-event simulator take, and each policy's "
+    "simulated throughput."
+)
+
 
 def main() -> int:
+    out = Section("Simulator at scale", INTRO, markdown=False)
     plan = ParallelPlan(
         dp=32,
         llm_pp=4,
@@ -32,7 +41,7 @@ def main() -> int:
     n = plan.dp * plan.microbatches * 2
     spec = load_spec("omni-7b")
     batch = cost_batch(generate_workload("omni", n, seed=0), spec)
-    print(f"simulator at scale: {plan.describe()}, omni trace, {n} samples")
+    out.print(f"simulator at scale: {plan.describe()}, omni trace, {n} samples")
     worst = 0.0
     base = None
     runs = [
@@ -51,14 +60,17 @@ def main() -> int:
         worst = max(worst, t2 - t1)
         base = base or r.samples_per_s
         name = policy if ahead is None else f"{policy} (ahead={ahead}, pool={pool})"
-        print(
+        out.print(
             f"  {name:32s} assign {1000 * (t1 - t0):6.1f} ms  simulate {t2 - t1:5.2f} s  "
             f"iter {r.iter_time:6.3f} s  {r.samples_per_s:7.1f} samples/s "
             f"({r.samples_per_s / base:.2f}x)"
         )
     ok = worst < BUDGET_S
     verdict = "PASS" if ok else "FAIL"
-    print(f"slowest simulation {worst:.2f} s per iteration: {verdict} (budget {BUDGET_S:.0f} s)")
+    out.print(
+        f"slowest simulation {worst:.2f} s per iteration: {verdict} (budget {BUDGET_S:.0f} s)"
+    )
+    out.save()
     return 0 if ok else 1
 
 

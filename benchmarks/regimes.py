@@ -1,4 +1,4 @@
-"""The wide and narrow regimes (DESIGN.md section 6) on every generated trace, as Markdown.
+"""The wide and narrow regimes (docs/analysis.md) on every generated trace, as Markdown.
 
 Equivalent to, for each trace:
     entrain trace generate --kind KIND --n 4096 --seed 0 -o out/traces/KIND.jsonl
@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from results import Section  # benchmarks/results.py: docs/results.md
+
 from entrain.analyze import AnalyzeConfig, analyze
 from entrain.models import load_spec
 from entrain.schedule import POLICIES
@@ -20,12 +22,19 @@ from entrain.workload.traces import TRACE_MODELS, write_trace
 REGIMES = {"wide": (4, 8), "narrow": (8, 32)}
 N, GLOBAL_BATCH, SEED = 4096, 512, 0
 
+INTRO = (
+    "`entrain analyze` on 4096 samples of every synthetic trace "
+    "(`benchmarks/regimes.py`): the worst per-module coefficient of variation of per-"
+    "microbatch work, and the stretch (1.0: no imbalance bubbles)."
+)
 
-def main(out: Path = Path("out/traces")) -> int:
-    out.mkdir(parents=True, exist_ok=True)
+
+def main(folder: Path = Path("out/traces")) -> int:
+    out = Section("Workload variability: wide and narrow regimes", INTRO, markdown=True)
+    folder.mkdir(parents=True, exist_ok=True)
     results = {}
     for kind, model in TRACE_MODELS.items():
-        path = out / f"{kind}.jsonl"
+        path = folder / f"{kind}.jsonl"
         write_trace(kind, N, SEED, path)
         for regime, (dp, m) in REGIMES.items():
             cfg = AnalyzeConfig(
@@ -34,29 +43,30 @@ def main(out: Path = Path("out/traces")) -> int:
             results[kind, regime] = analyze(path, load_spec(model), cfg)
     names = list(POLICIES)
     for regime, (dp, m) in REGIMES.items():
-        print(
+        out.print(
             f"\n{regime} regime: D={dp}, M={m}, global batch {GLOBAL_BATCH}, "
             f"{N // GLOBAL_BATCH} iterations\n"
         )
-        print("worst_cv (lower is better); last column: sequential's worst_cv over entrain's\n")
-        print("| trace | model | " + " | ".join(names) + " | seq/entrain |")
-        print("|---" * (len(names) + 3) + "|")
+        out.print("worst_cv (lower is better); last column: sequential's worst_cv over entrain's\n")
+        out.print("| trace | model | " + " | ".join(names) + " | seq/entrain |")
+        out.print("|---" * (len(names) + 3) + "|")
         for kind, model in TRACE_MODELS.items():
             r = results[kind, regime]
             cells = [f"{r['policies'][p]['worst_cv']:.4f}" for p in names]
-            print(
+            out.print(
                 f"| {kind} | {model} | "
                 + " | ".join(cells)
                 + f" | {r['cv_reduction']['sequential']:.1f}x |"
             )
-        print("\nstretch (1.0: no imbalance bubbles) and entrain's worst bound_gap\n")
-        print("| trace | " + " | ".join(names) + " | entrain bound_gap |")
-        print("|---" * (len(names) + 2) + "|")
+        out.print("\nstretch (1.0: no imbalance bubbles) and entrain's worst bound_gap\n")
+        out.print("| trace | " + " | ".join(names) + " | entrain bound_gap |")
+        out.print("|---" * (len(names) + 2) + "|")
         for kind in TRACE_MODELS:
             r = results[kind, regime]
             cells = [f"{r['policies'][p]['stretch']:.4f}" for p in names]
             gap = max(r["policies"]["entrain"]["bound_gap"].values())
-            print(f"| {kind} | " + " | ".join(cells) + f" | {100 * gap:.1f}% |")
+            out.print(f"| {kind} | " + " | ".join(cells) + f" | {100 * gap:.1f}% |")
+    out.save()
     return 0
 
 

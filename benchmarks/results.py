@@ -49,3 +49,24 @@ def write_section(title: str, body: str) -> Path:
     )
     PAGE.write_text(text.rstrip() + "\n", encoding="utf-8")
     return PAGE
+
+
+class Section:
+    """A benchmark's output: printed as it comes, and kept for its section of the page.
+    Text output goes in a fenced block; output that is already Markdown (tables) as is."""
+
+    def __init__(self, title: str, intro: str, markdown: bool = False):
+        self.title, self.intro, self.markdown = title, intro.strip(), markdown
+        self.lines: list[str] = []
+
+    def print(self, *parts: object) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self) -> Path:
+        text = "\n".join(self.lines).strip("\n")
+        body = text if self.markdown else f"```text\n{text}\n```"
+        page = write_section(self.title, f"{self.intro}\n\n{body}")
+        print(f"wrote the section {self.title!r} of {page}")
+        return page

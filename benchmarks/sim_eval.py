@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 import time
 
+from results import Section  # benchmarks/results.py: docs/results.md
+
 from entrain.cost import cost_batch
 from entrain.cost.hardware import HARDWARE
 from entrain.models import load_spec
@@ -23,15 +25,23 @@ from entrain.workload.traces import TRACE_MODELS, generate_workload
 
 K = 4
 
+INTRO = (
+    "For each trace, cluster size and microbatch size, `entrain plan` picks a static plan"
+    " for Entrain and `entrain simulate` runs every policy on it "
+    "(`benchmarks/sim_eval.py`, H100 model, FLOPs costs). Throughput relative to "
+    "sequential packing; the last column is Entrain over the best baseline."
+)
+
 
 def main(kinds: list[str]) -> int:
+    out = Section("Simulated throughput on the planner's plan", INTRO, markdown=True)
     names = list(POLICIES)
-    print(
+    out.print(
         "| trace | GPUs | mb size | plan (chosen for entrain) | static/oracle | "
         + " | ".join(names)
         + " | entrain vs best baseline |"
     )
-    print("|---" * (len(names) + 6) + "|")
+    out.print("|---" * (len(names) + 6) + "|")
     for kind in kinds:
         spec = load_spec(TRACE_MODELS[kind])
         for gpus in (32, 128):
@@ -47,14 +57,14 @@ def main(kinds: list[str]) -> int:
                 thr = {p: out[p]["throughput"]["samples_per_s"] for p in names}
                 best = max(v for p, v in thr.items() if p != "entrain")
                 cells = [f"{thr[p] / thr['sequential']:.2f}x" for p in names]
-                print(
+                out.print(
                     f"| {kind} | {gpus} | {mbs:.0f} | {res.static.plan.describe()} | "
                     f"{res.static_over_oracle:.3f} | "
                     + " | ".join(cells)
-                    + f" | {thr['entrain'] / best:.3f} |",
-                    flush=True,
+                    + f" | {thr['entrain'] / best:.3f} |"
                 )
                 print(f"    ({time.time() - t0:.0f} s)", file=sys.stderr)
+    out.save()
     return 0
 
 

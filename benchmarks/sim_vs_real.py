@@ -20,6 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results import Section  # benchmarks/results.py: docs/results.md
+
+from entrain.config import read_run_config
 from entrain.runtime.demo_data import make_demo_data
 from entrain.sim.replay import replay_run
 
@@ -34,7 +37,15 @@ def entrain(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "entrain", *args], check=True, capture_output=True)
 
 
+INTRO = (
+    "The tiny model trained for real on this machine's CPU with every policy (2 ranks, "
+    "gloo), each step replayed in the simulator with a profile measured just before "
+    "(`benchmarks/sim_vs_real.py`)."
+)
+
+
 def main() -> int:
+    out = Section("Simulator against the real runtime", INTRO, markdown=False)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         manifest = make_demo_data(
@@ -61,11 +72,11 @@ def main() -> int:
                 measured[p] += [s.measured for s in rep.steady]
                 simulated[p] += [s.simulated for s in rep.steady]
                 if p == "entrain":
-                    lookahead.append(json.loads((out / "config.json").read_text())["lookahead"])
+                    lookahead.append(read_run_config(out).config.lookahead)
         prof = json.loads(profile.read_text())
     meas = {p: statistics.median(v) for p, v in measured.items()}
     sim = {p: statistics.median(v) for p, v in simulated.items()}
-    print(
+    out.print(
         f"tiny-vision on this CPU, 2 ranks (gloo, pinned), global batch {GLOBAL_BATCH} in "
         f"{MICROBATCHES} microbatches; {ROUNDS} rounds x {STEPS - EPOCH} steps after the "
         f"first epoch; last profile's fit error (rms) "
@@ -75,30 +86,31 @@ def main() -> int:
             for k, f in kinds.items()
         )
     )
-    print(f"entrain's lookahead, chosen by --lookahead auto each round: {lookahead}")
-    print(f"{'policy':18s} {'measured (s)':>12s} {'simulated (s)':>13s} {'error':>7s}")
+    out.print(f"entrain's lookahead, chosen by --lookahead auto each round: {lookahead}")
+    out.print(f"{'policy':18s} {'measured (s)':>12s} {'simulated (s)':>13s} {'error':>7s}")
     worst = 0.0
     for p in POLICIES:
         err = (sim[p] - meas[p]) / meas[p]
         worst = max(worst, abs(err))
-        print(f"{p:18s} {meas[p]:12.4f} {sim[p]:13.4f} {100 * err:+6.1f}%")
-    print(f"worst error {100 * worst:.1f}% (target 10%)")
-    print(f"ranking, fastest first: measured  {' < '.join(sorted(POLICIES, key=meas.get))}")
-    print(f"                        simulated {' < '.join(sorted(POLICIES, key=sim.get))}")
+        out.print(f"{p:18s} {meas[p]:12.4f} {sim[p]:13.4f} {100 * err:+6.1f}%")
+    out.print(f"worst error {100 * worst:.1f}% (target 10%)")
+    out.print(f"ranking, fastest first: measured  {' < '.join(sorted(POLICIES, key=meas.get))}")
+    out.print(f"                        simulated {' < '.join(sorted(POLICIES, key=sim.get))}")
     # a pair the simulator separates by more than TIE must come out in the same order
     pairs = [(p, q) for p in POLICIES for q in POLICIES if sim[p] < sim[q] * (1 - TIE)]
     wrong = [(p, q) for p, q in pairs if meas[p] >= meas[q]]
     ties = len(POLICIES) * (len(POLICIES) - 1) // 2 - len(pairs)
-    print(
+    out.print(
         f"rankings match: {not wrong} ({len(pairs) - len(wrong)} of {len(pairs)} ordered pairs "
         f"alike; {ties} pair(s) within {100 * TIE:.1f}% in the simulator count as ties)"
     )
     for p in POLICIES:
         if p != "entrain":
-            print(
+            out.print(
                 f"measured throughput entrain / {p}: {meas[p] / meas['entrain']:.3f} "
                 f"(simulated {sim[p] / sim['entrain']:.3f})"
             )
+    out.save()
     return 0
 
 

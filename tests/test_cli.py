@@ -109,7 +109,7 @@ def test_analyze_json(trace, capsys):
     assert ours > 0
     for name, value in red.items():
         assert value == pytest.approx(result["policies"][name]["worst_cv"] / ours)
-    # DESIGN.md: entrain starts from the joint assignment, so it is never worse than it
+    # docs/design.md: entrain starts from the joint assignment, so it is never worse than it
     assert red["joint"] >= 1.0
     assert red["sequential"] > 1.0
 

@@ -21,6 +21,7 @@ from entrain.config import (
     field_help,
     read_run_config,
 )
+from entrain.runtime.setup import run_layout
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 
@@ -79,9 +80,12 @@ def test_the_demo_recipe_is_what_the_demo_ran():
     flags = _parse("--data", "x.jsonl", "--steps", "24", "--global-batch", "16",
                    "--microbatches", "4", "--lr", "3e-3", "--out", "out/train-entrain")  # fmt: skip
     assert cfg == flags
-    for name in ("qwen2-vl-7b-1node.yaml", "qwen2-vl-7b-2nodes.yaml"):
+    for name, gpus in (("qwen2-vl-7b-1node.yaml", 8), ("qwen2-vl-7b-2nodes.yaml", 16)):
         big = config_from({}, RECIPES / name)
         assert big.precision == "bf16" and big.freeze == ("vision",)
+        # the layout fills the node(s): dp replicas of [ViT, pp LLM stages]
+        layout = run_layout(big, ["vision"], gpus)
+        assert layout.world_size == gpus and layout.llm_pp == big.pp
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The wide and narrow regimes of DESIGN.md section 6 on the generated traces, through the
+"""The wide and narrow regimes of docs/design.md section 6 on the generated traces, through the
 same `analyze` path the CLI uses. These are the claims the README tables show."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ global batches with the chosen policy, and keeps the one with the best throughpu
 re-plans: the micro level (the policy) absorbs what varies from batch to batch.
 
 The dynamic oracle re-plans for every global batch at no switching cost. Comparing the two
-shows how much a static plan gives up (DESIGN.md section 2).
+shows how much a static plan gives up (docs/design.md section 2).
 """
 
 from __future__ import annotations

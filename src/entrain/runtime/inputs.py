@@ -1,6 +1,6 @@
 """Turning a sample's files into model inputs: image patches, audio log-mels, text ids.
 
-A manifest line for training carries, besides the sizes of DESIGN.md section 4, the data:
+A manifest line for training carries, besides the sizes of docs/design.md section 4, the data:
 `"text"` (the sample's text) and `"files": {"image": [...], "audio": [...]}` (paths relative
 to the manifest). The sizes in the manifest must match the files: the scheduler plans with
 the sizes, the runtime computes with the files.

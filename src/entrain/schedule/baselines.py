@@ -1,4 +1,4 @@
-"""The baseline policies of DESIGN.md section 3. Each returns an Assignment for one batch."""
+"""The baseline policies of docs/design.md section 3. Each returns an Assignment for one batch."""
 
 from __future__ import annotations
 

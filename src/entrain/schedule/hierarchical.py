@@ -1,7 +1,7 @@
 """Entrain's hierarchical assignment: balance the LLM, then fit encoder work around it.
 
 The freedom Entrain uses is that a unit's encoder microbatch need not be its sample's LLM
-microbatch, only no later (DESIGN.md section 2). The policy:
+microbatch, only no later (docs/design.md section 2). The policy:
 
 1. LLM: samples are packed into all D*M microbatches by LPT on LLM cost, microbatches are
    dealt to replicas so that replica totals match (DP all-reduce waits for the slowest).

@@ -1,4 +1,4 @@
-"""Metrics of an assignment (DESIGN.md section 6), named as they appear in JSON and reports."""
+"""Metrics of an assignment (docs/design.md section 6), named as they appear in JSON and reports."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def evaluate(batch: CostedBatch, asg: Assignment) -> BatchMetrics:
 
 
 def mean_metrics(rows: list[BatchMetrics]) -> dict:
-    """Means over iterations, as DESIGN.md prescribes for every aggregate."""
+    """Means over iterations, as docs/design.md prescribes for every aggregate."""
     if not rows:
         raise ValueError("no iterations to aggregate")
     out: dict = {}

@@ -1,4 +1,4 @@
-"""Reading and validating JSON Lines manifests (DESIGN.md section 4), streaming.
+"""Reading and validating JSON Lines manifests (docs/design.md section 4), streaming.
 
 A manifest can hold tens of millions of samples, so it is read in chunks: each chunk becomes a
 columnar `Workload` and the per-line dicts are dropped at once. The only state that grows with

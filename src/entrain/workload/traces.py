@@ -2,7 +2,7 @@
 
 Each generator draws sample shapes (image sizes and counts, audio lengths, video frames, text
 tokens) from distributions calibrated to published statistics of the data set it imitates;
-the README lists the sources. All draws are vectorized and chunked, so a trace of millions of
+docs/analysis.md lists the sources. All draws are vectorized and chunked, so a trace of millions of
 samples streams to disk without holding it in memory.
 """
 
@@ -130,7 +130,7 @@ GENERATORS: dict[str, Callable[[np.random.Generator, int], dict]] = {
 }
 
 
-# The model preset each trace is meant to be analyzed with (benchmarks, tests, the README).
+# The model preset each trace is meant to be analyzed with (benchmarks, tests, docs).
 TRACE_MODELS: dict[str, str] = {
     "llava-pretrain": "llava-1.5-7b",
     "llava-instruct": "llava-1.5-7b",

@@ -1,4 +1,4 @@
-"""Readers that turn real data set formats into Entrain's manifest (DESIGN.md section 4).
+"""Readers that turn real data set formats into Entrain's manifest (docs/design.md section 4).
 
 `convert(format, path, output)` reads a LLaVA/ShareGPT JSON, a Hugging Face data set
 (parquet files or a `save_to_disk` folder) or WebDataset tar shards and writes a training
