@@ -70,6 +70,76 @@ def test_trace_generate_bad_n(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_trace_generate_and_demo_data_refuse_a_full_target(tmp_path, capsys):
+    """A second run onto the same -o stops with one line instead of replacing the file or
+    mixing into the folder; --overwrite writes over it."""
+    path = tmp_path / "t.jsonl"
+    base = ["trace", "generate", "--kind", "omni", "--n", "20", "-o", str(path)]
+    path.write_text("")  # an empty file holds nothing to lose
+    run_ok(capsys, base)
+    first = path.read_bytes()
+    line = run_user_error(capsys, [*base, "--seed", "5"])
+    assert line == (
+        f"entrain: error: {path}: the file exists and is not empty; pass --overwrite to write "
+        "over it"
+    )
+    assert path.read_bytes() == first
+    run_ok(capsys, [*base, "--seed", "5", "--overwrite"])
+    assert path.read_bytes() != first and len(path.read_text().splitlines()) == 20
+
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    demo = ["demo-data", "-o", str(folder), "--n", "2"]
+    run_ok(capsys, demo)  # an empty folder is fine
+    line = run_user_error(capsys, demo)
+    assert line == (
+        f"entrain: error: {folder}: the folder exists and is not empty; pass --overwrite to "
+        "write over it"
+    )
+    run_ok(capsys, [*demo, "--overwrite"])
+    assert len((folder / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def test_trace_generate_stopped_leaves_no_tmp(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a long trace: neither the target nor OUTPUT.tmp is left."""
+    from entrain.workload import traces
+
+    made = traces.generate
+
+    def stopped(kind, n, seed=0, chunk_size=100_000):
+        yield next(made(kind, 10, seed))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(traces, "generate", stopped)
+    path = tmp_path / "big.jsonl"
+    try:  # the command may end on the interrupt or report it: either way it did not finish
+        rc = main(["trace", "generate", "--kind", "omni", "--n", "1000000000", "-o", str(path)])
+    except KeyboardInterrupt:
+        rc = None
+    assert rc != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trace_generate_killed_by_sigterm_leaves_no_tmp(tmp_path):
+    """`timeout` and schedulers send SIGTERM: it unwinds like Ctrl-C, exit status 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "big.jsonl"
+    cmd = [sys.executable, "-m", "entrain", "trace", "generate", "--kind", "omni", "--n",
+           "1000000000", "-o", str(path)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "big.jsonl.tmp").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM, proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_trace_generate_unknown_kind(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["trace", "generate", "--kind", "nope", "--n", "3", "-o", str(tmp_path / "x")])
@@ -88,7 +158,6 @@ def test_analyze_json(trace, capsys):
     assert result["modules"] == ["vision", "llm"]
     assert result["iterations"] == 2
     assert result["samples"] == 128
-    assert result["partial_batch"] is False
     for name, m in result["policies"].items():
         for key in ("cv", "imbalance", "bound_gap"):
             assert set(m[key]) == {"vision", "llm"}, (name, key)
@@ -123,14 +192,21 @@ def test_analyze_table(trace, capsys):
         json.loads(out)
 
 
-def test_analyze_tail_and_partial(trace, capsys):
+def test_analyze_tail_and_short_manifest(trace, capsys):
     base = ["analyze", str(trace), "--model", "tiny", "--dp", "2", "--microbatches", "2", "--json"]
     out, _ = run_ok(capsys, [*base, "--global-batch", "64", "--iterations", "0"])
     r = json.loads(out)
     assert (r["iterations"], r["samples"], r["skipped_tail_samples"]) == (4, 256, 44)
-    out, _ = run_ok(capsys, [*base, "--global-batch", "1000", "--iterations", "3"])
-    r = json.loads(out)
-    assert (r["iterations"], r["samples"], r["partial_batch"]) == (1, 300, True)
+    # 300 samples cannot make a global batch of 1000: refused, as plan and simulate do,
+    # rather than a table headed "global batch 1000" over 300 samples
+    line = run_user_error(capsys, [*base, "--global-batch", "1000", "--iterations", "3"])
+    assert line == (
+        f"entrain: error: {trace}: 300 sample(s), fewer than one global batch of 1000; "
+        "pass --global-batch 300 or less"
+    )
+    for seed in ([], ["--seed", "4"]):
+        out, _ = run_ok(capsys, [*base, "--global-batch", "300", *seed])
+        assert json.loads(out)["samples"] == 300
 
 
 def test_analyze_policies_subset_and_seed(trace, capsys):
@@ -315,8 +391,33 @@ def test_launcher_keeps_rank_errors_and_drops_torchrun_chatter():
         '  File "run.py", line 1032, in <module>\n',
         "    main()\n",
         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n",
-        "=======\n",
+        "=" * 60 + "\n",
+        "entrain FAILED\n",
+        "Failures:\n",
+        "[1]:\n",
+        "  rank      : 1 (local_rank: 1)\n",
+        "  exitcode  : -9 (pid: 21832)\n",
         "Root Cause (first observed failure):\n",
+        "[0]:\n",
+        "  rank      : 0 (local_rank: 0)\n",
+        "  exitcode  : 2 (pid: 21831)\n",
+        "=" * 60 + "\n",
     ]
     kept = list(_launcher_noise_removed(lines))
-    assert kept == [lines[2], *lines[3:7], *lines[11:]]
+    assert kept == [lines[2], *lines[3:6], "entrain: exit codes rank 0: 2, rank 1: SIGKILL\n"]
+
+
+def test_the_launcher_prints_an_error_every_rank_meets_once():
+    from entrain.cli_train import _launcher_noise_removed
+
+    lines = [
+        "entrain: error: 2 bad sample(s) in d.jsonl\n",
+        "  d.jsonl:1: sample 'a': missing file\n",
+        "entrain: error: 2 bad sample(s) in d.jsonl\n",
+        "  d.jsonl:1: sample 'a': missing file\n",
+        "/usr/lib/python3.11/multiprocessing/resource_tracker.py:254: UserWarning: "
+        "resource_tracker: There appear to be 5 leaked semaphore objects\n",
+        "  warnings.warn('resource_tracker: There appear to be %d '\n",
+        "entrain: stopped by SIGTERM after step 3 of 9; no checkpoint\n",
+    ]
+    assert list(_launcher_noise_removed(lines)) == [*lines[:2], lines[-1]]

@@ -187,3 +187,52 @@ def test_simulate_malformed_plan_is_a_user_error(trace, tmp_path, capsys, plan):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(plan))
     run_user_error(capsys, ["simulate", str(trace), *COMMON, "--plan", str(bad)])
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_a_manifest_short_of_one_global_batch_is_refused(trace, tmp_path, capsys, command):
+    """32 samples cannot make a global batch of 128 (16 per GPU on 8 GPUs): refused, rather
+    than reported as "global batch 128" while 32 samples are simulated."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(trace.read_text().splitlines(keepends=True)[:32]))
+    argv = [command, str(small), "--model", "omni-7b", "--gpus", "8", "--iterations", "1"]
+    line = run_user_error(capsys, argv)
+    assert line == (
+        f"entrain: error: {small}: 32 sample(s), fewer than one global batch of 128 (16 per "
+        "GPU, the default); pass --global-batch 32 or less"
+    )
+    line = run_user_error(capsys, [*argv, "--global-batch", "40"])
+    assert line.endswith("32 sample(s), fewer than one global batch of 40; pass --global-batch "
+                         "32 or less")  # fmt: skip
+    out, _ = run_ok(capsys, [*argv, "--global-batch", "32", "--json"])
+    assert json.loads(out)["global_batch"] == 32
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_the_search_size_is_said_up_front(trace, capsys, command):
+    out, err = run_ok(capsys, [command, str(trace), *COMMON, "--json"])
+    said = [x for x in err.splitlines() if x.startswith("planning: ")]
+    assert len(said) == 1, err
+    if command == "plan":
+        r = json.loads(out)
+        n = len(r["simulated_plans"])
+        assert said[0] == (
+            f"planning: {said[0].split()[1]} layouts use the GPUs, {r['feasible_plans']} fit "
+            f"in memory; simulating {n} on 2 batch(es) of 128 samples ({2 * n} simulations)"
+        )
+        assert r["search_narrowed"] is None
+
+
+def test_a_search_too_long_is_narrowed_and_says_so(trace, capsys, monkeypatch):
+    """As if each simulation took minutes (a cluster of 100000 GPUs): the plan comes from
+    the best-ranked plans only, and one stderr line says what was left out."""
+    import entrain.plan.planner as planner
+
+    monkeypatch.setattr(planner, "SIM_S_PER_STAGE_MICROBATCH", 1.0)
+    out, err = run_ok(capsys, ["plan", str(trace), *COMMON, "--json"])
+    r = json.loads(out)
+    notes = [x for x in err.splitlines() if x.startswith("note: --gpus 16: the whole search (")]
+    assert len(notes) == 1 and r["search_narrowed"] == notes[0].removeprefix("note: ")
+    assert "narrowed to the 1 best-ranked plan(s)" in notes[0]
+    [only] = r["simulated_plans"]
+    assert r["plan_description"] == only["plan"]

@@ -20,6 +20,7 @@ RANK = {
     "cost": 2,
     "schedule": 3,
     "config": 4,
+    "runlog": 4,
     "plan": 5,
     "sim": 5,
     "data": 6,

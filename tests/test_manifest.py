@@ -1,4 +1,4 @@
-"""The JSON Lines manifest (docs/design.md section 4): round trips, streaming, validation, fuzzing."""
+"""The JSON Lines manifest (docs/design.md section 4): round trips, streaming, validation."""
 
 from __future__ import annotations
 

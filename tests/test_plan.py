@@ -172,6 +172,57 @@ def test_planner_iter_times_match_simulator(planned, omni, omni_batches):
         assert t == pytest.approx(planned.static.iter_times[i])
 
 
+def _planner(omni, batches, gpus: int, global_batch: int, **cfg) -> Planner:
+    config = PlannerConfig(gpus=gpus, global_batch=global_batch, **cfg)
+    return Planner(omni, batches, HARDWARE["h100"], config, simulate=simulate)
+
+
+@pytest.mark.parametrize("gpus", [16, 64, 256, 1024])
+def test_search_is_whole_up_to_1024_gpus_at_the_default_sizes(omni, gpus):
+    """16 samples per GPU, 4 batches: every shortlisted plan with every Entrain variant, and
+    the oracle's extras, are simulated, as before the search could be narrowed."""
+    pool = cost_batch(generate_workload("omni", 16 * gpus, seed=2), omni)
+    search = _planner(omni, [pool] * 4, gpus, 16 * gpus).search()
+    assert search.narrowed is None and search.seconds <= PlannerConfig.search_budget
+    per_plan = len(PlannerConfig.entrain_variants)
+    assert search.n_static == PlannerConfig.shortlist * per_plan
+    assert len(search.plans) >= min(search.feasible, PlannerConfig.shortlist) * per_plan
+    assert search.simulations == 4 * len(search.plans)
+
+
+def test_a_search_over_budget_keeps_the_best_ranked_plans(omni, omni_batches):
+    whole = _planner(omni, omni_batches, 16, 128, microbatch_samples=4).search()
+    ranked = whole.plans[: whole.n_static]  # the shortlist in rank order, 5 variants each
+    # a budget that fits the 3 best-ranked plans with all their variants, and no more
+    top3 = ranked[: 3 * 5]
+    planner = _planner(omni, omni_batches, 16, 128, microbatch_samples=4)
+    planner.cfg.search_budget = planner.search_seconds(top3)
+    cut = planner.search()
+    assert [p.describe() for p in cut.plans] == [p.describe() for p in top3]
+    assert cut.n_static == 15 and cut.seconds <= planner.cfg.search_budget < whole.seconds
+    assert cut.narrowed.startswith(f"--gpus 16: the whole search ({len(whole.plans)} plans on 3 ")
+    assert "narrowed to the 3 best-ranked plan(s) by the closed-form estimate" in cut.narrowed
+    res = planner.plan(search=cut)
+    assert res.static.plan in top3 and len(res.simulated) == 15 and res.narrowed == cut.narrowed
+    # no budget at all: the best-ranked plan with the first variant, and it says so
+    planner.cfg.search_budget = 0.0
+    least = planner.search()
+    assert [p.describe() for p in least.plans] == [ranked[0].describe()]
+    assert "1 of 5 Entrain variants" in least.narrowed and "still roughly" in least.narrowed
+
+
+def test_a_search_for_100000_gpus_is_narrowed(omni):
+    """The planner's own estimate says the whole search would take hours; what it keeps is
+    a fraction, and the search itself (enumeration, memory, ranking) takes seconds."""
+    pool = cost_batch(generate_workload("omni", 20_000, seed=3), omni)
+    planner = _planner(omni, [pool], 100_000, 20_000)
+    search = planner.search()
+    assert search.layouts > search.feasible > 0
+    assert search.narrowed.startswith("--gpus 100000: the whole search (")
+    assert len(search.plans) < PlannerConfig.shortlist * len(PlannerConfig.entrain_variants)
+    assert search.seconds <= planner.cfg.search_budget
+
+
 def test_planner_nothing_fits(omni, omni_batches):
     hw = replace(HARDWARE["h100"], memory_bytes=1e6)
     cfg = PlannerConfig(gpus=16, global_batch=128, microbatch_samples=4)

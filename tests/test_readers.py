@@ -442,6 +442,100 @@ def test_webdataset_errors_name_shard_key_and_member(tmp_path):
         convert("webdataset", str(tmp_path / "none-*.tar"), tmp_path / "n.jsonl")
 
 
+def _cut_shard_cases(tmp_path: Path) -> tuple[bytes, list[tuple[int, str]]]:
+    """A three-sample shard and where to cut it, each cut with what the error must say.
+
+    Members are 512-byte headers each followed by data padded to 512 bytes: k1.txt's header
+    at 0, k2.cls at 1024, k2.txt at 2560, k3.txt at 3584; the end-of-archive marker at 4608.
+    """
+    shard = write_shard(
+        tmp_path / "whole.tar",
+        [("k1.txt", b"one" * 10), ("k2.cls", b"x" * 700), ("k2.txt", b"two"), ("k3.txt", b"3")],
+    )
+    data = shard.read_bytes()
+    assert not any(data[4608:5120]) and data[3584:3590] == b"k3.txt"  # the layout above
+    cuts = [
+        (100, "ends at byte 100, inside the first header"),
+        (512, "ends at byte 512, inside member 'k1.txt' (bytes 0 to 1024)"),
+        (1024, "ends at byte 1024 after member 'k1.txt', with no end-of-archive marker"),
+        (
+            1300,
+            "ends at byte 1300, inside the header that starts at byte 1024 (after member 'k1.txt')",
+        ),
+        (1536, "ends at byte 1536, inside member 'k2.cls' (bytes 1024 to 2560)"),  # not read
+        (2560, "ends at byte 2560 after member 'k2.cls', with no end-of-archive marker"),
+        (
+            2700,
+            "ends at byte 2700, inside the header that starts at byte 2560 (after member 'k2.cls')",
+        ),
+        (3072, "ends at byte 3072, inside member 'k2.txt' (bytes 2560 to 3584)"),
+        (3300, "ends at byte 3300, inside member 'k2.txt' (bytes 2560 to 3584)"),
+        (4300, "ends at byte 4300, inside member 'k3.txt' (bytes 3584 to 4608)"),
+        (4608, "ends at byte 4608 after member 'k3.txt', with no end-of-archive marker"),
+        (
+            4700,
+            "ends at byte 4700, inside the header that starts at byte 4608 (after member 'k3.txt')",
+        ),
+    ]
+    return data, cuts
+
+
+def test_webdataset_truncated_shard_names_file_and_byte(tmp_path):
+    """A shard cut anywhere, inside a header or a member, at a block boundary or not, stops
+    with one error naming the shard and where it ends: never fewer samples or empty text."""
+    data, cuts = _cut_shard_cases(tmp_path)
+    assert convert("webdataset", tmp_path / "whole.tar", tmp_path / "whole.jsonl").written == 3
+    for cut, where in cuts:
+        shard = tmp_path / f"cut-{cut}.tar"
+        shard.write_bytes(data[:cut])
+        out = tmp_path / f"cut-{cut}.jsonl"
+        for options in (ReaderOptions(), ReaderOptions(skip_bad=True)):
+            with pytest.raises(ReaderError) as e:
+                convert("webdataset", shard, out, options)
+            want = f"{shard}: truncated tar shard: it {where}; copy or write it again"
+            assert str(e.value) == want, cut
+            assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+    # one zero block after the last member is enough to end an archive (as GNU tar reads it)
+    (tmp_path / "one-zero-block.tar").write_bytes(data[:5120])
+    assert convert("webdataset", tmp_path / "one-zero-block.tar", tmp_path / "z.jsonl").written == 3
+
+
+def test_webdataset_truncated_compressed_shard(tmp_path):
+    """gzip shards cut short: tarfile's own gzip reader takes a cut at a header for the end."""
+    import gzip
+
+    data, _ = _cut_shard_cases(tmp_path)
+    packed = gzip.compress(data)
+    whole = tmp_path / "whole.tar.gz"
+    whole.write_bytes(packed)
+    convert("webdataset", whole, tmp_path / "w.jsonl")
+    assert [r["text"] for r in lines(tmp_path / "w.jsonl")] == ["one" * 10, "two", "3"]
+    for cut in range(20, len(packed), 7):
+        shard = tmp_path / f"cut-{cut}.tar.gz"
+        shard.write_bytes(packed[:cut])
+        with pytest.raises(ReaderError) as e:
+            convert("webdataset", shard, tmp_path / "c.jsonl")
+        assert str(e.value).startswith(
+            f"{shard}: truncated tar shard: the compressed file ends at byte {cut} before its "
+            "end-of-stream marker"
+        ), cut
+    # a whole gzip stream around a tar with no end-of-archive marker
+    shard = tmp_path / "no-marker.tar.gz"
+    shard.write_bytes(gzip.compress(data[:4608]))
+    with pytest.raises(ReaderError, match="ends at byte 4608 of the uncompressed archive after"):
+        convert("webdataset", shard, tmp_path / "c.jsonl")
+
+
+def test_webdataset_garbage_after_a_member_is_an_error(tmp_path):
+    """tarfile stops silently at a header it cannot parse after the first member too."""
+    data, _ = _cut_shard_cases(tmp_path)
+    shard = tmp_path / "garbled.tar"
+    shard.write_bytes(data[:2560] + b"\x01" * 512 + data[3072:])
+    with pytest.raises(ReaderError) as e:
+        convert("webdataset", shard, tmp_path / "g.jsonl")
+    assert str(e.value) == f"{shard}: no valid tar header at byte 2560 (after member 'k2.cls')"
+
+
 def test_bytes_tokenizer_output_passes_training_validation(tmp_path):
     """With "bytes", text_tokens are what `entrain train` counts, so its pre-training
     check (files decode, sizes and durations match, token counts match) finds nothing."""

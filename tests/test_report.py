@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_ok, run_user_error
 from PIL import Image
 
 from entrain.analyze import AnalyzeConfig, analyze
@@ -19,6 +20,7 @@ from entrain.cli import main
 from entrain.models.load import load_spec
 from entrain.report.html import build_report, write_report
 from entrain.report.trace import write_chrome_trace
+from entrain.runtime.logbook import Logbook
 from entrain.workload.traces import write_trace
 
 FIGURE = re.compile(r"<img class='figure' alt='[^']*' src='data:image/png;base64,([^']+)'>")
@@ -134,3 +136,75 @@ def test_report_renders_in_headless_chromium(kind, analysis, run_dir, tmp_path):
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert dom.count('class="figure"') == 2
+
+
+# ------------------------------------------------------- runs and report on a stopped run
+
+
+def _logged_run(root: Path, speeds: list[float]) -> Path:
+    """A run directory whose logs are written as rank 0 writes them (no config.json: the
+    runs table and the report need only metrics.jsonl)."""
+    run = root / "run"
+    run.mkdir()
+    book = Logbook(run, 0)
+    for i, speed in enumerate(speeds):
+        metrics = {"step": i, "loss": 6.0 - i, "iter_time": 8 / speed, "samples_per_s": speed,
+                   "tokens_per_s": 100 * speed, "busy": {"r0": 0.1}}  # fmt: skip
+        book.write(i, metrics, [f"s{i}a", f"s{i}b"])
+    book.close()
+    return run
+
+
+def _tear_last_line(path: Path) -> None:
+    """What a kill in the middle of an append leaves: the last line's first half."""
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    path.write_bytes(data[: start + (len(data) - start) // 2])
+
+
+def test_runs_and_report_read_a_run_whose_last_line_is_torn(tmp_path, capsys):
+    run = _logged_run(tmp_path, [10.0, 20.0, 30.0, 40.0, 50.0])
+    for log in ("metrics.jsonl", "samples.jsonl"):
+        _tear_last_line(run / log)
+    note = f"{run / 'metrics.jsonl'}: line 5 is cut short (the run stopped while writing it?)"
+    out, err = run_ok(capsys, ["runs", str(run), "--warmup", "1", "--json"])
+    [row] = json.loads(out)
+    assert (row["steps"], row["losses"]) == (4, [6.0, 5.0, 4.0, 3.0])
+    assert row["samples_per_s"] == 30.0  # median of steps 1-3, the torn step 4 left out
+    assert err.count(note) == 1, err
+    page = tmp_path / "r.html"
+    _, err = run_ok(capsys, ["report", str(run), "-o", str(page)])
+    assert err.count(note) == 1, err
+    assert "4 steps (no config.json). Note: " in page.read_text()
+    assert "<td>3</td>" in page.read_text() and "<td>4</td>" not in page.read_text()
+
+
+def test_a_bad_line_before_the_last_is_an_error_naming_file_and_line(tmp_path, capsys):
+    run = _logged_run(tmp_path, [10.0, 20.0, 30.0])
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text(lines[0] + lines[1][:20] + "\n" + lines[2])
+    want = f"entrain: error: {metrics}: line 2: not valid JSON ("
+    assert run_user_error(capsys, ["runs", str(run)]).startswith(want)
+    assert run_user_error(capsys, ["report", str(run), "-o", str(tmp_path / "x.html")]).startswith(
+        want
+    )
+    metrics.write_text(lines[0] + '{"step": 1}\n' + lines[2])
+    line = run_user_error(capsys, ["runs", str(run)])
+    assert line == f"entrain: error: {metrics}: line 2: no 'loss', 'iter_time', " + (
+        "'samples_per_s', 'tokens_per_s'"
+    )
+
+
+def test_runs_with_more_warmup_than_steps_says_so(tmp_path, capsys):
+    run = _logged_run(tmp_path, [10.0, 30.0])
+    out, err = run_ok(capsys, ["runs", str(run), "--warmup", "100"])
+    assert "medians after 100 warm-up steps; * over all steps: the run has no more" in out
+    assert "2*" in out and "20.0" in out  # the median of both steps
+    assert f"{run} has only 2 step(s), not more than --warmup 100" in err
+    out, _ = run_ok(capsys, ["runs", str(run), "--warmup", "100", "--json"])
+    [row] = json.loads(out)
+    assert (row["warmup"], row["samples_per_s"]) == (0, 20.0)
+    out, err = run_ok(capsys, ["runs", str(run), "--warmup", "1", "--json"])
+    [row] = json.loads(out)
+    assert (row["warmup"], row["samples_per_s"], err) == (1, 30.0, "")

@@ -15,7 +15,7 @@ from entrain.cost.flops import CostModel, analytic_cost_model
 from entrain.models.spec import ModelSpec
 from entrain.schedule import POLICIES, evaluate, mean_metrics, work
 from entrain.schedule.steps import StepRecipe
-from entrain.workload.manifest import global_batches
+from entrain.workload.manifest import ShortManifestError, global_batches
 
 
 @dataclass(kw_only=True)
@@ -83,7 +83,9 @@ def analyze(
     first: dict[str, dict[str, list[float]]] = {}  # per-microbatch work of the first batch
     n_batches = samples = skipped = 0
     for batch in global_batches(manifest, cfg.global_batch, cfg.iterations, cfg.seed, on_progress):
-        if len(batch) < cfg.global_batch and n_batches:
+        if len(batch) < cfg.global_batch:
+            if not n_batches:  # the shape asked for is not the one a short batch would give
+                raise ShortManifestError(manifest, len(batch), cfg.global_batch)
             skipped = len(batch)  # a short tail beside full batches would skew the means
             break
         costed = recipe.cost(batch)
@@ -107,7 +109,6 @@ def analyze(
         "config": {k: v for k, v in asdict(cfg).items() if k != "policies"},
         "iterations": n_batches,
         "samples": samples,
-        "partial_batch": samples < n_batches * cfg.global_batch,
         "skipped_tail_samples": skipped,
         "policies": policies,
         "cv_reduction": cv_reduction(policies),

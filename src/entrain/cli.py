@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 
 from rich.console import Console
 from rich.markup import escape
@@ -61,12 +63,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    err = Console(stderr=True)
+    # SIGTERM unwinds like Ctrl-C (finally blocks run: no .tmp left by a stopped `trace
+    # generate`); `entrain train` takes the stop signals over while it runs
+    if threading.current_thread() is not threading.main_thread():
+        return _run(args, err)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        return _run(args, err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, err: Console) -> int:
     from entrain.cost.batch import MissingEncoderError
     from entrain.models.load import SpecError
     from entrain.workload.manifest import ManifestError
 
-    args = build_parser().parse_args(argv)
-    err = Console(stderr=True)
     try:
         return args.func(args, err)
     except BrokenPipeError:  # `entrain ... | head`: the reader left, nothing to report
@@ -81,15 +95,38 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # a rank lost its peers or waited too long: name it, no traceback
         from entrain.runtime.comm import CommError
 
-        if not isinstance(e, CommError) or os.environ.get("ENTRAIN_DEBUG"):
+        if os.environ.get("ENTRAIN_DEBUG"):
             raise
-        err.print("[red]entrain: error:[/]", escape(str(e)), highlight=False, soft_wrap=True)
+        if isinstance(e, CommError):
+            message = str(e)
+        elif _lost_peer(e):  # in a collective (gradients, barrier, the stop flag)
+            rank = os.environ.get("RANK", "?")
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = (
+                f"rank {rank} lost a peer in a collective (did a process die? see its log): {first}"
+            )
+        else:
+            raise
+        err.print("[red]entrain: error:[/]", escape(message), highlight=False, soft_wrap=True)
         return 1
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """gloo's error when the process at the other end of a collective died."""
+    return any(text in str(e) for text in _PEER_GONE)
 
 
 def _same_on_every_rank(e: Exception) -> bool:
     """Errors every rank of a run raises alike (bad input found before training): under
     torchrun only rank 0 prints them."""
+    from entrain.config import ConfigError
     from entrain.data.codec import CodecError
     from entrain.models.hf import HFConfigError
     from entrain.models.load import SpecError
@@ -105,7 +142,8 @@ def _same_on_every_rank(e: Exception) -> bool:
         | SpecError
         | HFConfigError
         | WeightsError
-        | CodecError,
+        | CodecError
+        | ConfigError,
     )
 
 

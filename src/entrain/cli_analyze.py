@@ -30,7 +30,12 @@ def add_analyze_parser(sub) -> argparse.ArgumentParser:
     )
     an.add_argument("--dp", type=int, required=True, help="data-parallel replicas D")
     an.add_argument("--microbatches", type=int, required=True, help="microbatches per replica M")
-    an.add_argument("--global-batch", type=int, required=True, help="samples per iteration")
+    an.add_argument(
+        "--global-batch",
+        type=int,
+        required=True,
+        help="samples per iteration (the manifest must hold at least one global batch)",
+    )
     an.add_argument(
         "--iterations",
         type=int,
@@ -101,10 +106,6 @@ def render_analysis(result: dict, console: Console) -> None:
         console.print(
             f"[yellow]note:[/] the last {result['skipped_tail_samples']} samples do not fill "
             "a global batch and were not analyzed"
-        )
-    if result["partial_batch"]:
-        console.print(
-            "[yellow]note:[/] the manifest is smaller than one global batch; analyzed what it has"
         )
 
 

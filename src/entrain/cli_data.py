@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -34,6 +35,9 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
     )
     mp.add_argument("path", help="the data set (file, folder or, for webdataset, a glob)")
     mp.add_argument("-o", "--output", required=True, help="manifest file to write (.jsonl)")
+    mp.add_argument(
+        "--overwrite", action="store_true", help="replace the output file if it is not empty"
+    )
     mp.add_argument(
         "--tokenizer",
         default=None,
@@ -85,6 +89,7 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
 def cmd_manifest(args: argparse.Namespace, err: Console) -> int:
     from entrain.data.readers import ReaderError, ReaderOptions, convert, unused_options
 
+    refuse_to_overwrite(args.output, args.overwrite)
     try:
         options = ReaderOptions(
             tokenizer=args.tokenizer,
@@ -151,8 +156,23 @@ def add_trace_parser(sub) -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="random seed (same seed, same trace; default 0)"
     )
     gen.add_argument("-o", "--output", required=True, help="manifest file to write (.jsonl)")
+    gen.add_argument(
+        "--overwrite", action="store_true", help="replace the output file if it is not empty"
+    )
     gen.set_defaults(func=cmd_trace_generate)
     return trace
+
+
+def refuse_to_overwrite(path: str, overwrite: bool) -> None:
+    """Stop before writing over a file or folder that holds something, unless asked to: a
+    slip in -o should not cost a data set that took hours to make."""
+    p = Path(path)
+    full = p.is_file() and p.stat().st_size > 0 or p.is_dir() and any(p.iterdir())
+    if full and not overwrite:
+        kind = "folder" if p.is_dir() else "file"
+        raise UserError(
+            f"{p}: the {kind} exists and is not empty; pass --overwrite to write over it"
+        )
 
 
 def cmd_trace_generate(args: argparse.Namespace, err: Console) -> int:
@@ -160,6 +180,8 @@ def cmd_trace_generate(args: argparse.Namespace, err: Console) -> int:
 
     if args.n <= 0:
         raise UserError(f"--n must be positive, got {args.n}")
+    refuse_to_overwrite(args.output, args.overwrite)
+    # the bar shows on a terminal; the file is written under OUTPUT.tmp, removed if stopped
     with progress_bar(f"writing {args.kind}", args.n, err) as advance:
         n = write_trace(args.kind, args.n, args.seed, args.output, on_progress=advance)
     err.print(f"wrote {n} samples of kind {args.kind!r} (seed {args.seed}) to {args.output}")
@@ -199,6 +221,12 @@ def add_demo_data_parser(sub) -> argparse.ArgumentParser:
         "placeholders, so the data trains with `entrain train --model DIR` (default: the "
         "byte tokenizer of the presets)",
     )
+    dd.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into the directory even if it is not empty (files of the same names are "
+        "replaced, others left)",
+    )
     dd.set_defaults(func=cmd_demo_data)
     return dd
 
@@ -210,6 +238,7 @@ def cmd_demo_data(args: argparse.Namespace, err: Console) -> int:
         raise UserError(f"--n must be >= 1, got {args.n}")
     if not 0 <= args.video <= 1:
         raise UserError(f"--video must be a share between 0 and 1, got {args.video}")
+    refuse_to_overwrite(args.output, args.overwrite)
     codec = None
     if args.model:
         from entrain.data.codec import HFCodec

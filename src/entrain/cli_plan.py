@@ -19,6 +19,7 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
     from entrain.plan.memory import MemorySettings
     from entrain.plan.planner import PlannerConfig
     from entrain.planning import load_batches
+    from entrain.workload.manifest import ShortManifestError
 
     if args.gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {args.gpus}")
@@ -32,8 +33,14 @@ def _planner_inputs(args: argparse.Namespace, err: Console):
         model, hw = profile.cost_model(), profile.hardware(fallback=hw)
     gb = args.global_batch or 16 * args.gpus
     with progress_bar("reading samples", args.iterations * gb, err) as advance:
-        batches = load_batches(args.manifest, spec, gb, args.iterations, cost_model=model)
-        advance(sum(b.n_samples for b in batches))
+        try:
+            batches = load_batches(
+                args.manifest, spec, gb, args.iterations, cost_model=model, on_progress=advance
+            )
+        except ShortManifestError as e:
+            if args.global_batch:
+                raise
+            raise ShortManifestError(e.path, e.samples, gb, " (16 per GPU, the default)") from None
     cfg = PlannerConfig(
         gpus=args.gpus,
         global_batch=gb,
@@ -75,12 +82,23 @@ def train_flags(plan, memory=None) -> str | None:
     return " ".join(flags)
 
 
-def cmd_plan(args: argparse.Namespace, err: Console) -> int:
-    from entrain.planning import run_plan
+def _plan_now(spec, batches, hw, cfg, err: Console):
+    """Plan, saying up front how large the search is (and whether it had to be narrowed to
+    finish in minutes), with a progress bar over its simulations."""
+    from entrain.planning import make_planner
 
+    planner = make_planner(spec, batches, hw, cfg)
+    search = planner.search()
+    err.print(f"planning: {escape(search.describe())}", highlight=False, soft_wrap=True)
+    if search.narrowed:
+        err.print(f"[yellow]note:[/] {escape(search.narrowed)}", highlight=False, soft_wrap=True)
+    with progress_bar("simulating plans", search.simulations, err) as advance:
+        return planner, planner.plan(advance, search)
+
+
+def cmd_plan(args: argparse.Namespace, err: Console) -> int:
     spec, hw, batches, cfg = _planner_inputs(args, err)
-    with progress_bar("simulating plans", None, err) as advance:
-        _, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
+    _, res = _plan_now(spec, batches, hw, cfg, err)
     out = {
         "model": spec.name,
         "hardware": hw.name,
@@ -144,7 +162,7 @@ def _load_plan(path: str):
 
 
 def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
-    from entrain.planning import make_planner, run_plan, simulate_policies
+    from entrain.planning import make_planner, simulate_policies
     from entrain.report.trace import write_chrome_trace
 
     spec, hw, batches, cfg = _planner_inputs(args, err)
@@ -155,8 +173,7 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
             raise UserError(f"the plan uses {plan.world_size} GPUs but --gpus is {cfg.gpus}")
         planner = make_planner(spec, batches, hw, cfg)
     else:
-        with progress_bar("planning", None, err) as advance:
-            planner, res = run_plan(spec, batches, hw, cfg, on_progress=advance)
+        planner, res = _plan_now(spec, batches, hw, cfg, err)
         plan = res.static.plan
     policies = tuple(dict.fromkeys(args.policies))
     trace_policy = "entrain" if "entrain" in policies else policies[0]
@@ -222,7 +239,10 @@ def _add_planner_flags(sp: argparse.ArgumentParser) -> None:
         "FLOPs model and --hardware",
     )
     sp.add_argument(
-        "--global-batch", type=int, default=None, help="samples per iteration (default 16 per GPU)"
+        "--global-batch",
+        type=int,
+        default=None,
+        help="samples per iteration (default 16 per GPU); the manifest must hold at least one",
     )
     sp.add_argument(
         "--microbatch-size",

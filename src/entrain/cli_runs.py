@@ -6,6 +6,7 @@ import argparse
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from entrain.cli_common import UserError, progress_bar, stdout_console
@@ -22,7 +23,11 @@ def add_runs_parser(sub) -> argparse.ArgumentParser:
     )
     ru.add_argument("runs", nargs="+", help="run directories (entrain train --out DIR)")
     ru.add_argument(
-        "--warmup", type=int, default=2, help="steps left out of the medians (default 2)"
+        "--warmup",
+        type=int,
+        default=2,
+        help="steps left out of the medians (default 2); a run with no more steps than that "
+        "is summarized over all its steps, marked * and noted",
     )
     ru.add_argument(
         "--simulate",
@@ -44,7 +49,16 @@ def cmd_runs(args: argparse.Namespace, err: Console) -> int:
 
     if args.warmup < 0:
         raise UserError(f"--warmup must be >= 0, got {args.warmup}")
-    rows = [summarize(d, args.warmup) for d in args.runs]
+    notes: list[str] = []
+    rows = [summarize(d, args.warmup, notes) for d in args.runs]
+    short = [r for r in rows if r["warmup"] < args.warmup]
+    for r in short:
+        notes.append(
+            f"{r['run']} has only {r['steps']} step(s), not more than --warmup "
+            f"{args.warmup}: its medians are over all of them"
+        )
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     if args.profile or args.simulate:
         from entrain.sim.replay import replay_run
 
@@ -56,7 +70,9 @@ def cmd_runs(args: argparse.Namespace, err: Console) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     sim = "simulated_iter_time" in rows[0]
-    table = Table(title=f"training runs (medians after {args.warmup} warm-up steps)")
+    title = f"training runs (medians after {args.warmup} warm-up steps"
+    title += "; * over all steps: the run has no more)" if short else ")"
+    table = Table(title=title)
     cols = ["run", "steps", "samples/s", "tokens/s", "loss first -> last", "vs first run"]
     if sim:
         cols += ["iter time (s)", "simulated (s)", "error"]
@@ -65,7 +81,7 @@ def cmd_runs(args: argparse.Namespace, err: Console) -> int:
     for r in rows:
         cells = [
             r["run"],
-            str(r["steps"]),
+            f"{r['steps']}{'*' if r['warmup'] < args.warmup else ''}",
             f"{r['samples_per_s']:.1f}",
             f"{r['tokens_per_s']:,.0f}",
             f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}",
@@ -102,7 +118,10 @@ def add_report_parser(sub) -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace, err: Console) -> int:
     from entrain.report.html import write_report
 
+    notes: list[str] = []
     with progress_bar("drawing", None, err):
-        n = write_report(args.source, args.output)
+        n = write_report(args.source, args.output, notes)
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     err.print(f"wrote {args.output} ({n} figure(s)); open it in a browser")
     return 0

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -82,11 +83,32 @@ def cmd_train(args: argparse.Namespace, err: Console) -> int:
             "run `entrain train` under torchrun, or pass --nproc P to have it launch torchrun"
         )
     _check_device(cfg.device, args.nproc)
+    _check_run_dir(cfg)
     _check_layout(cfg, args.nproc)
     _check_model(cfg, err)
+    _check_inputs(cfg)
     _check_tensorboard(cfg)
     argv = sys.argv[1:] if args.argv is None else args.argv
     return _launch_torchrun(args.nproc, argv, args.max_restarts)
+
+
+def _check_run_dir(cfg) -> None:
+    """A new run does not write over an old one, and a resume does not change the data
+    order (runtime/rundir.py); the ranks check again, for runs started by torchrun."""
+    from entrain.runtime.rundir import check_out, check_resume_order
+
+    check_out(cfg)
+    check_resume_order(cfg)
+
+
+def _check_inputs(cfg) -> None:
+    """The manifest parses and the profile fits the model: what every rank reads first, read
+    once here so a mistake is one line in a second, not one per rank after start-up."""
+    from entrain.runtime.setup import profile_of, spec_of
+    from entrain.workload.manifest import read_manifest
+
+    read_manifest(cfg.data)
+    profile_of(cfg, spec_of(cfg))
 
 
 def _check_tensorboard(cfg) -> None:
@@ -143,9 +165,9 @@ def _check_device(device: str, nproc: int) -> None:
 
 
 def _launch_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
-    """Re-run this command under torchrun with `nproc` processes on this machine."""
+    """Re-run this command under torchrun with `nproc` processes on this machine, owning
+    them: a stop signal to this process reaches every rank, and no rank outlives it."""
     import socket
-    import subprocess
 
     rest, skip = [], False
     for a in argv:  # drop the launcher's own flags: the children are the processes
@@ -182,34 +204,233 @@ def _launch_torchrun(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
         "entrain",
         *rest,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
-    for line in _launcher_noise_removed(proc.stderr):
-        sys.stderr.write(line)
-    rc = proc.wait()
-    if rc:
-        sys.stderr.write(f"entrain: a process of this run failed (torchrun exit code {rc})\n")
-    return rc
+    return Launch(cmd).run()
 
 
-_LOG_LINE = re.compile(r"^[WI]\d{4} \d\d:\d\d:\d\d")
+class Launch:
+    """torchrun as a child this process owns.
+
+    - Stop signals (SIGTERM, SIGINT, SIGHUP) are forwarded to torchrun, which passes them to
+      every rank; the ranks finish their step, checkpoint when due or asked, and exit. If
+      they have not after `grace_s`, or on a second signal, every process of the run is
+      killed. torchrun runs in a session of its own, so a Ctrl-C in the terminal reaches
+      this process only and is forwarded once (not once from the terminal and once from
+      torchrun).
+    - If this process dies, torchrun gets SIGTERM from the kernel (Linux's parent-death
+      signal) and stops the ranks the same way.
+    - If torchrun dies, its ranks are re-parented to this process (a child subreaper on
+      Linux), notice it (they watch their parent), stop after their step, and this process
+      waits for them and reaps them: no orphan keeps training.
+    """
+
+    def __init__(self, cmd: list[str], grace_s: float = 60.0):
+        self.cmd, self.grace_s = cmd, grace_s
+        self.signals: list[int] = []
+        self.said_stopped = False
+        self.others: set[int] = set()  # children this process had before: not the run's
+
+    def run(self) -> int:
+        import signal
+        import subprocess
+
+        _become_subreaper()
+        self.others = set(_children())
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent,
+        )
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {sig: signal.signal(sig, self._forward) for sig in stops}
+        try:
+            for line in _launcher_noise_removed(self.proc.stderr):
+                self.said_stopped |= line.startswith("entrain: stopped by")
+                sys.stderr.write(line)
+            rc = self.proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._reap_orphans()
+        return self._verdict(rc)
+
+    def _forward(self, signum: int, frame) -> None:
+        import signal
+        import threading
+
+        self.signals.append(signum)
+        if len(self.signals) > 1:  # asked again: stop waiting for the step to end
+            _kill_tree(self.proc.pid, signal.SIGKILL)
+            return
+        try:
+            os.kill(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        timer = threading.Timer(self.grace_s, _kill_tree, (self.proc.pid, signal.SIGKILL))
+        timer.daemon = True
+        timer.start()
+
+    def _reap_orphans(self) -> None:
+        """Ranks whose torchrun died were re-parented here: wait for them (they stop after
+        their step), then kill what is left after the grace period."""
+        import signal
+
+        deadline = time.monotonic() + self.grace_s
+        while self._orphans() and time.monotonic() < deadline:
+            _reap(self.others)
+            time.sleep(0.2)
+        for pid in self._orphans():
+            _kill_tree(pid, signal.SIGKILL)
+        _reap(self.others)
+
+    def _orphans(self) -> list[int]:
+        return [pid for pid in _children() if pid not in self.others]
+
+    def _verdict(self, rc: int) -> int:
+        import signal
+
+        if self.signals:
+            name = signal.Signals(self.signals[0]).name
+            if not self.said_stopped:
+                sys.stderr.write(f"entrain: stopped by {name} (torchrun exit code {rc})\n")
+            return 128 + self.signals[0]
+        if rc < 0 and not self.said_stopped:
+            name = signal.Signals(-rc).name
+            sys.stderr.write(f"entrain: torchrun was killed by {name}; the ranks stopped\n")
+        elif rc and not self.said_stopped:
+            sys.stderr.write(f"entrain: a process of this run failed (torchrun exit code {rc})\n")
+        return (128 - rc) if rc < 0 else rc
+
+
+def _become_subreaper() -> None:
+    """Orphaned descendants are re-parented to this process instead of init (Linux)."""
+    _prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when this launcher dies (Linux)."""
+    import signal
+
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _prctl(option: int, value: int) -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _children(parent: int | None = None, zombies: bool = False) -> list[int]:
+    """Child processes of `parent` (this process by default), from /proc: live ones, or
+    with `zombies` only those that have exited and wait to be reaped."""
+    parent = os.getpid() if parent is None else parent
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name
+        if int(fields[1]) == parent and (fields[0] == "Z") == zombies:
+            found.append(int(entry))
+    return found
+
+
+def _kill_tree(pid: int, sig: int) -> None:
+    """Signal `pid` and every descendant (children first looked up, then signalled)."""
+    for child in _children(pid):
+        _kill_tree(child, sig)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(others: set[int]) -> None:
+    """Collect the exit status of the run's finished children (orphans re-parented here
+    included), not of `others`, which the caller owns."""
+    for pid in _children(zombies=True):
+        if pid not in others:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+_LOG_LINE = re.compile(r"^[WIE]\d{4} \d\d:\d\d:\d\d")
+_SUMMARY_FIELD = re.compile(r"^\s+(rank|exitcode)\s*:\s*(-?\d+)")
+
+
+def _exit_code(code: int) -> str:
+    """A rank's exit code as torchrun reports it; negative: killed by that signal."""
+    import signal
+
+    if code < 0:
+        try:
+            return f"{signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return str(code)
 
 
 def _launcher_noise_removed(lines):
-    """The ranks' stderr as it comes, less torchrun's own chatter: its warning lines, and
-    the Python traceback it prints about itself when a rank fails (the ranks have said what
-    went wrong; its summary of which rank failed how is kept)."""
+    """The ranks' stderr as it comes, less torchrun's own chatter: its log lines, the
+    Python traceback it prints about itself when a rank fails or it is signalled, its
+    failure summary (reduced to one line of exit codes by rank), and every rank's copy of
+    an error after the first (each rank that meets a bad setting says so)."""
     held: list[str] = []
+    said: set[str] = set()
+    repeat = False  # inside a repeated error's indented detail lines
+    summary: dict[int, int] | None = None
+    rank = None
     for line in lines:
+        if summary is not None:  # torchrun's "entrain FAILED" block, between rules of "="
+            m = _SUMMARY_FIELD.match(line)
+            if m and m.group(1) == "rank":
+                rank = int(m.group(2))
+            elif m and rank is not None:
+                summary[rank] = int(m.group(2))
+            if line.startswith("=" * 20) and summary:
+                codes = ", ".join(f"rank {r}: {_exit_code(c)}" for r, c in sorted(summary.items()))
+                yield f"entrain: exit codes {codes}\n"
+                summary = None
+            continue
         if held:
             held.append(line)
             if line[:1] not in (" ", "\t") and not line.startswith("Traceback"):
-                if not line.startswith("torch.distributed.elastic.multiprocessing.errors."):
+                if not line.startswith("torch.distributed.elastic."):
                     yield from held  # a rank's own traceback: keep it
                 held = []
             continue
+        if repeat and line.startswith("  "):
+            continue
+        repeat = False
         if line.startswith("Traceback (most recent call last):"):
             held = [line]
+        elif line.startswith("=" * 20):
+            summary = {}
+        elif line.startswith("entrain: error:"):
+            repeat = line in said
+            if not repeat:
+                said.add(line)
+                yield line
+        elif "resource_tracker" in line and "leaked" in line:
+            repeat = True  # a killed rank's semaphores, nothing to act on; and its source line
         elif not _LOG_LINE.match(line) and not line.startswith("*****"):
             yield line
     yield from held

@@ -130,6 +130,9 @@ class ParallelConfig:
     """LLM pipeline stages (default: the ranks left per replica after the encoders)."""
     microbatches: int = 4
     """Microbatches per replica per step."""
+    allow_empty_microbatches: bool = False
+    """Run even when a replica has fewer samples a step than microbatches (the extra
+    microbatches are empty: they cost pipeline slots and train nothing)."""
     encoder_copies: str = ""
     """Encoders on several ranks per replica, e.g. vision=2: each copy encodes a share of
     every encoder microbatch, split by cost."""
@@ -145,7 +148,7 @@ class ParallelConfig:
         _at_least(self, 1, "dp", "pp", "microbatches")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        _finite("timeout_s", self.timeout_s)
+        _finite("timeout", self.timeout_s)
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
         copies_of(self.encoder_copies)
@@ -254,6 +257,9 @@ class CheckpointConfig:
     """Continue from the latest complete checkpoint in this folder (none yet: start fresh)."""
     keep_checkpoints: int = field(default=2, metadata=opt(key="keep"))
     """Complete checkpoints kept."""
+    checkpoint_on_stop: bool = field(default=False, metadata=opt(key="on_stop"))
+    """Write a checkpoint when the run is stopped (SIGTERM, SIGINT, SIGHUP, or the launcher
+    gone) after the step in progress, even when none is due."""
 
     def check_checkpoint(self) -> None:
         _at_least(self, 0, "checkpoint_every")
@@ -264,6 +270,9 @@ class CheckpointConfig:
 class RunConfig:
     out: str | None = None
     """Run directory: metrics.jsonl, samples.jsonl, config.json, trace.json."""
+    overwrite: bool = False
+    """Replace the run already in --out (without it, a run there must be continued with
+    --resume or left alone)."""
     trace: bool = False
     """Write a Chrome/Perfetto trace of the last step."""
     tensorboard: bool = False
@@ -321,6 +330,18 @@ class TrainConfig(
             raise ConfigError(
                 f"--global-batch {self.global_batch} is not divisible by --dp {self.dp}"
             )
+        if self.empty_microbatches and not self.allow_empty_microbatches:
+            per_replica = self.global_batch // self.dp
+            raise ConfigError(
+                f"--microbatches {self.microbatches}: a replica has only {per_replica} "
+                f"sample(s) a step (--global-batch {self.global_batch} over --dp {self.dp}), "
+                f"so {self.empty_microbatches} microbatch(es) would be empty; use fewer "
+                "microbatches, a larger global batch, or --allow-empty-microbatches"
+            )
+        if self.overwrite and self.resume:
+            raise ConfigError(
+                "--overwrite replaces the run in --out and --resume continues it: give one"
+            )
         if self.warmup_steps > self.steps:
             raise ConfigError(
                 f"--warmup-steps {self.warmup_steps}: the warm-up must fit in the run's "
@@ -331,6 +352,11 @@ class TrainConfig(
                 f"--decay-steps {self.decay_steps}: the schedule must end within the run's "
                 f"{self.steps} steps, after the {self.warmup_steps} warm-up steps"
             )
+
+    @property
+    def empty_microbatches(self) -> int:
+        """Microbatches per replica that get no sample in any step."""
+        return max(0, self.microbatches - self.global_batch // self.dp)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of 0-based `step`."""

@@ -16,7 +16,7 @@ from entrain.models.spec import ModelSpec
 from entrain.plan.planner import Planner, PlannerConfig, PlanResult
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.simulator import SimResult, simulate
-from entrain.workload.manifest import global_batches
+from entrain.workload.manifest import ShortManifestError, global_batches
 
 
 def load_batches(
@@ -26,13 +26,17 @@ def load_batches(
     iterations: int,
     cost_model: CostModel | None = None,
     seed: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> list[CostedBatch]:
-    """The first `iterations` full global batches of a manifest, costed (a manifest smaller
-    than one global batch gives that one short batch)."""
+    """The first `iterations` full global batches of a manifest, costed; a ShortManifestError
+    when the manifest cannot fill one (a plan for a batch it never saw would mislead).
+    `on_progress(n)` is called as samples are read."""
     model = cost_model or analytic_cost_model(spec)
     out = []
-    for w in global_batches(manifest, global_batch, iterations, seed):
-        if len(w) < global_batch and out:
+    for w in global_batches(manifest, global_batch, iterations, seed, on_progress):
+        if len(w) < global_batch:
+            if not out:
+                raise ShortManifestError(manifest, len(w), global_batch)
             break
         out.append(cost_batch(w, spec, model))
     return out

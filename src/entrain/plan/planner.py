@@ -60,6 +60,10 @@ class PlannerConfig:
     entrain; None is unlimited."""
     shortlist: int = 6
     """Plans simulated after ranking by the closed-form estimate."""
+    search_budget: float = 180.0
+    """Rough seconds (see `search_seconds`) the simulations may take; a search estimated
+    longer is narrowed to the best-ranked plans, and says so. Up to 1024 GPUs at the
+    default sizes (16 samples per GPU, 4 batches) the whole search fits."""
     memory_headroom: float = 0.9
     """Fraction of GPU memory a plan may use."""
     memory: MemorySettings = field(default_factory=MemorySettings)
@@ -91,6 +95,8 @@ class PlanResult:
     samples: list[int]
     simulated: list[Evaluated]
     feasible: int
+    narrowed: str | None = None
+    """Why and how the search was cut short of the whole (see `Search.narrowed`)."""
 
     @property
     def static_throughput(self) -> float:
@@ -123,6 +129,7 @@ class PlanResult:
             "oracle_throughput": {"samples_per_s": self.oracle_throughput},
             "static_over_oracle": self.static_over_oracle,
             "feasible_plans": self.feasible,
+            "search_narrowed": self.narrowed,
             "simulated_plans": [
                 {"plan": e.plan.describe(), "throughput": e.throughput(self.samples)}
                 for e in self.simulated
@@ -216,6 +223,84 @@ def estimate_time(
     return t
 
 
+# Rough seconds of the planner's own work, measured on one core of a shared 2-core machine:
+# assigning a batch costs about 20 us a sample plus 0.1 us a sample per replica (the greedy
+# split over replicas), simulating it about 11 us per microbatch per stage and replica.
+ASSIGN_S_PER_SAMPLE = 20e-6
+ASSIGN_S_PER_SAMPLE_REPLICA = 1e-7
+SIM_S_PER_STAGE_MICROBATCH = 11e-6
+
+
+@dataclass
+class _Choice:
+    """Plans to simulate: the shortlist (candidates for the static plan), the oracle's extra
+    candidates, and the (deferral depth, pool) variants each is tried with (None: as it is,
+    for policies other than Entrain)."""
+
+    static: list[ParallelPlan]
+    extra: list[ParallelPlan]
+    variants: tuple[tuple[int | None, int | None], ...] | None
+
+    def plans(self) -> list[ParallelPlan]:
+        """Shortlist first, then the extras, each with its variants; no plan twice."""
+        base = {p.describe(): p for p in self.static}
+        for p in self.extra:
+            base.setdefault(p.describe(), p)
+        if self.variants is None:
+            return list(base.values())
+        return list(
+            {
+                q.describe(): q
+                for p in base.values()
+                for q in (
+                    dataclasses.replace(p, encoder_lookahead=a, encoder_pool=g)
+                    for a, g in self.variants
+                )
+            }.values()
+        )
+
+
+@dataclass
+class Search:
+    """What `Planner.plan` will simulate, known before the first simulation (the CLI says
+    it up front and counts the simulations down)."""
+
+    layouts: int
+    """Plans that use exactly the GPUs."""
+    feasible: int
+    """Of those, plans that fit in memory."""
+    plans: list[ParallelPlan]
+    """Plans to simulate: the static plan's candidates first, then the oracle's extras."""
+    n_static: int
+    """How many of `plans` (from the front) the static plan is chosen from."""
+    samples: list[int]
+    """Samples of each batch every plan is simulated on."""
+    seconds: float
+    """Rough time the simulations take (`Planner.search_seconds`)."""
+    narrowed: str | None = None
+    """Why and how the search was cut short of the whole, when it was."""
+
+    @property
+    def simulations(self) -> int:
+        return len(self.plans) * len(self.samples)
+
+    def describe(self) -> str:
+        took = f", roughly {_duration(self.seconds)}" if self.seconds >= 60 else ""
+        return (
+            f"{self.layouts} layouts use the GPUs, {self.feasible} fit in memory; simulating "
+            f"{len(self.plans)} on {len(self.samples)} batch(es) of {max(self.samples):,} "
+            f"samples ({self.simulations} simulations{took})"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 Simulate = Callable[..., Any]
 """`sim.simulator.simulate`'s signature: (batch, assignment, spec, plan, hardware, cost unit,
 record_events) -> a result with `iter_time`. The planner takes it as an argument: plan/ and
@@ -291,7 +376,9 @@ class Planner:
                 out.append(plan)
         return out
 
-    def plan(self, on_progress: Callable[[int], None] | None = None) -> PlanResult:
+    def search(self) -> Search:
+        """The plans `plan` will simulate, ranked by the closed-form estimate, and how long
+        that should take; narrowed to fit `cfg.search_budget` when it would take longer."""
         cfg = self.cfg
         candidates = enumerate_plans(self.spec, cfg, self.hw.gpus_per_node)
         if not candidates:
@@ -305,29 +392,97 @@ class Planner:
                 f"no plan for {cfg.gpus} GPUs fits {self.hw.name} memory "
                 f"({self.hw.memory_bytes / 1e9:.0f} GB); try more GPUs or a smaller global batch"
             )
-        mean_work = {
-            m: float(np.mean([_module_totals(b)[m] for b in self.batches]))
-            for m in self.spec.modules
-        }
+        mean_work = self._mean_work()
         scored = sorted(plans, key=lambda p: self.estimate(p, mean_work))
         # the oracle may prefer, for one batch, a plan the mean ranks lower: shortlist per batch too
-        chosen = {p.describe(): p for p in scored[: cfg.shortlist]}
+        extra: dict[str, ParallelPlan] = {}
         for b in self.batches:
             work = _module_totals(b)
             for p in sorted(plans, key=lambda p: self.estimate(p, work))[:2]:
-                chosen.setdefault(p.describe(), p)
-        if cfg.policy == "entrain":
-            # deferral depth and pooling are part of the plan: try the configured variants
-            chosen = {
-                q.describe(): q
-                for p in chosen.values()
-                for q in (
-                    dataclasses.replace(p, encoder_lookahead=a, encoder_pool=g)
-                    for a, g in cfg.entrain_variants
-                )
-            }
+                extra.setdefault(p.describe(), p)
+        variants = cfg.entrain_variants if cfg.policy == "entrain" else None
+        whole = _Choice(scored[: cfg.shortlist], list(extra.values()), variants)
+        # as many candidates for the static plan as the whole search has (a shortlist longer
+        # than the feasible plans lets the oracle's extras in: kept as it always was)
+        n_static = cfg.shortlist * (len(variants) if variants else 1)
+        choice, narrowed = whole, None
+        whole_s = self.search_seconds(whole.plans())
+        if whole_s > cfg.search_budget:
+            choice = self._narrowed(whole)
+            n_static = len(choice.static) * (len(choice.variants) if choice.variants else 1)
+            narrowed = self._say_narrowed(whole, choice, whole_s)
+        chosen = choice.plans()
+        return Search(
+            layouts=len(candidates),
+            feasible=len(plans),
+            plans=chosen,
+            n_static=n_static,
+            samples=[b.n_samples for b in self.batches],
+            seconds=self.search_seconds(chosen),
+            narrowed=narrowed,
+        )
+
+    def _say_narrowed(self, whole: _Choice, choice: _Choice, whole_s: float) -> str:
+        """One line: the whole search's size and time, and what is simulated instead."""
+        kept = f"the {len(choice.static)} best-ranked plan(s) by the closed-form estimate"
+        if choice.variants and len(choice.variants) < len(whole.variants or ()):
+            kept += f", with {len(choice.variants)} of {len(whole.variants)} Entrain variants"
+        if len(whole.plans()) > len(_Choice(whole.static, [], whole.variants).plans()):
+            kept += ", no extra plans for the oracle"
+        said = (
+            f"--gpus {self.cfg.gpus}: the whole search ({len(whole.plans())} plans on "
+            f"{len(self.batches)} batch(es)) would take roughly {_duration(whole_s)}; "
+            f"narrowed to {kept}"
+        )
+        left = self.search_seconds(choice.plans())
+        if left > self.cfg.search_budget:
+            said += (
+                f" (still roughly {_duration(left)}: a smaller --global-batch or fewer "
+                "--iterations is faster)"
+            )
+        return said
+
+    def _mean_work(self) -> dict[str, float]:
+        return {
+            m: float(np.mean([_module_totals(b)[m] for b in self.batches]))
+            for m in self.spec.modules
+        }
+
+    def _narrowed(self, whole: _Choice) -> _Choice:
+        """The largest cut of the search within budget: first without the oracle's extra
+        candidates, then fewer shortlisted plans, then fewer Entrain variants (at least the
+        best-ranked plan with the first variant)."""
+        static, variants = whole.static, whole.variants
+        tries = [_Choice(static[:k], [], variants) for k in range(len(static), 0, -1)]
+        if variants:
+            fewer = range(len(variants) - 1, 0, -1)
+            tries += [_Choice(static[:1], [], variants[:v]) for v in fewer]
+        for c in tries:
+            if self.search_seconds(c.plans()) <= self.cfg.search_budget:
+                return c
+        return tries[-1]
+
+    def search_seconds(self, plans: list[ParallelPlan]) -> float:
+        """Rough seconds to simulate `plans` on every batch with the planner's policy: an
+        assignment per (batch, replicas, microbatches, variant), a simulation per plan."""
+        keys = {(p.dp, p.microbatches, p.encoder_lookahead, p.encoder_pool) for p in plans}
+        n = sum(b.n_samples for b in self.batches)
+        t = sum(n * (ASSIGN_S_PER_SAMPLE + dp * ASSIGN_S_PER_SAMPLE_REPLICA) for dp, *_ in keys)
+        for p in plans:
+            stages = p.llm_pp + len(p.encoder_tp)
+            t += len(self.batches) * p.dp * p.microbatches * stages * SIM_S_PER_STAGE_MICROBATCH
+        return t
+
+    def plan(
+        self, on_progress: Callable[[int], None] | None = None, search: Search | None = None
+    ) -> PlanResult:
+        """Simulate the plans of `search` (default: `self.search()`) on every batch, calling
+        `on_progress(1)` per simulation; keep the static plan with the best throughput."""
+        cfg = self.cfg
+        search = search or self.search()
+        mean_work = self._mean_work()
         evaluated = []
-        for plan in chosen.values():
+        for plan in search.plans:
             ev = Evaluated(plan=plan, estimate=self.estimate(plan, mean_work))
             for i in range(len(self.batches)):
                 ev.iter_times.append(self.simulate(i, plan, cfg.policy).iter_time)
@@ -335,8 +490,7 @@ class Planner:
                     on_progress(1)
             evaluated.append(ev)
         samples = [b.n_samples for b in self.batches]
-        n_static = cfg.shortlist * (len(cfg.entrain_variants) if cfg.policy == "entrain" else 1)
-        static = max(evaluated[:n_static], key=lambda e: e.throughput(samples))
+        static = max(evaluated[: search.n_static], key=lambda e: e.throughput(samples))
         best = [min(evaluated, key=lambda e: e.iter_times[i]) for i in range(len(self.batches))]
         return PlanResult(
             static=static,
@@ -344,5 +498,6 @@ class Planner:
             oracle_plans=[e.plan for e in best],
             samples=samples,
             simulated=evaluated,
-            feasible=len(plans),
+            feasible=search.feasible,
+            narrowed=search.narrowed,
         )

@@ -22,6 +22,7 @@ from pathlib import Path
 import matplotlib
 
 from entrain.config import read_run_config
+from entrain.runlog import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -130,10 +131,6 @@ def analysis_sections(data: dict) -> list[Section]:
 # -------------------------------------------------------------------------------------- run
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def steps_figure(rows: list[dict], replay: list[float] | None) -> bytes:
     steps = [r["step"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -188,13 +185,13 @@ def _trace_events(path: Path) -> list[tuple[str, str, float, float]]:
     ]
 
 
-def run_sections(run_dir: Path) -> list[Section]:
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.exists():
-        raise ValueError(f"{run_dir}: no metrics.jsonl (was it trained with --out {run_dir}?)")
-    rows = _read_jsonl(metrics)
-    if not rows:
-        raise ValueError(f"{metrics}: no steps recorded")
+def run_sections(run_dir: Path, notes: list[str] | None = None) -> list[Section]:
+    """The run's steps and timeline; a note on a cut-short last line of metrics.jsonl goes
+    to `notes` and onto the page."""
+    said: list[str] = []
+    rows = read_metrics(run_dir, said)
+    if notes is not None:
+        notes.extend(said)
     try:  # a report needs only metrics.jsonl; the config adds the run's description
         record = read_run_config(run_dir)
     except ValueError:
@@ -211,7 +208,7 @@ def run_sections(run_dir: Path) -> list[Section]:
         f"batch {cfg.global_batch} in {cfg.microbatches} microbatches, {len(rows)} steps"
         if cfg is not None
         else f"{len(rows)} steps (no config.json)"
-    )
+    ) + "".join(f". Note: {n}" for n in said)
     table = [
         ["step", "loss", "seconds", "samples/s", "tokens/s"] + (["simulated s"] if replay else [])
     ]
@@ -262,11 +259,14 @@ def render(title: str, sections: list[Section]) -> str:
     return "\n".join(parts)
 
 
-def build_report(source: str | os.PathLike) -> tuple[str, list[Section]]:
-    """(title, sections) from a run directory or an analysis JSON file."""
+def build_report(
+    source: str | os.PathLike, notes: list[str] | None = None
+) -> tuple[str, list[Section]]:
+    """(title, sections) from a run directory or an analysis JSON file; what the reader
+    should know about the source (a log line cut short) goes to `notes`."""
     source = Path(source)
     if source.is_dir():
-        return f"Entrain run {source.name}", run_sections(source)
+        return f"Entrain run {source.name}", run_sections(source, notes)
     if not source.exists():
         raise ValueError(f"{source}: no such file or directory")
     try:
@@ -280,8 +280,10 @@ def build_report(source: str | os.PathLike) -> tuple[str, list[Section]]:
     return f"Entrain analysis of {source.name}", analysis_sections(data)
 
 
-def write_report(source: str | os.PathLike, path: str | os.PathLike) -> int:
+def write_report(
+    source: str | os.PathLike, path: str | os.PathLike, notes: list[str] | None = None
+) -> int:
     """Write the page; returns the number of figures in it."""
-    title, sections = build_report(source)
+    title, sections = build_report(source, notes)
     Path(path).write_text(render(title, sections), encoding="utf-8")
     return sum(len(s.figures) for s in sections)

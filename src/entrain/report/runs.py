@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
+from entrain.runlog import after_warmup, read_metrics
 
-def summarize(run_dir: str | Path, warmup: int = 2) -> dict:
-    """Median throughput after `warmup` steps, and the loss at the start and the end."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise ValueError(f"{run_dir}: no metrics.jsonl (was it trained with --out {run_dir}?)")
-    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if not rows:
-        raise ValueError(f"{path}: no steps recorded")
-    steady = rows[warmup:] or rows
+
+def summarize(run_dir: str | Path, warmup: int = 2, notes: list[str] | None = None) -> dict:
+    """Median throughput after `warmup` steps (over all of them when the run has no more;
+    "warmup" says how many were left out), and the loss at the start and the end."""
+    rows = read_metrics(run_dir, notes)
+    steady = after_warmup(rows, warmup)
     return {
         "run": str(run_dir),
         "steps": len(rows),
+        "warmup": len(rows) - len(steady),
         "samples_per_s": statistics.median(r["samples_per_s"] for r in steady),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
         "first_loss": rows[0]["loss"],

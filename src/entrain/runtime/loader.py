@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from entrain.models.spec import AudioSpec, VisionSpec
+from entrain.runtime.stopping import watch_parent
 
 Key = tuple[str, int, int]
 """(modality, sample index in the data set, item index within the sample)."""
@@ -66,14 +68,11 @@ def _decode_here(job: Job):
 
 def _die_with_parent(parent: int) -> None:
     """A worker leaves when its rank is gone (killed, or ended without closing the pool):
-    an orphan would hold the rank's output pipes open and decode for nobody."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True, name="entrain-parent-watch").start()
+    an orphan would hold the rank's output pipes open and decode for nobody. A Ctrl-C that
+    reaches the rank's process group is the rank's to handle (it stops after its step and
+    closes the pool); the worker ignores it rather than print a KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(parent, lambda: os._exit(0))
 
 
 def nbytes(value) -> int:

@@ -1,8 +1,9 @@
 """Where rank 0 writes a run's per-step records: metrics.jsonl and samples.jsonl always,
 TensorBoard event files under tensorboard/ when asked.
 
-The JSON lines are the source of truth (`entrain runs`, `report` and the replay read them);
-the event files are a view of the same numbers for people who watch runs in TensorBoard.
+The JSON lines are the source of truth (`entrain runs`, `report` and the replay read them,
+through entrain/runlog.py); the event files are a view of the same numbers for people who
+watch runs in TensorBoard.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from entrain.config import RunRecord, recompute_of, with_absolute_paths
+from entrain.config import recompute_of
 from entrain.cost.batch import CostedBatch, cost_batch
+from entrain.runlog import read_log
 from entrain.runtime import checkpoint
 from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
 from entrain.runtime.device import Placement, place
@@ -49,6 +51,7 @@ from entrain.runtime.optim import (
     wire_dtype,
 )
 from entrain.runtime.reference import loss_tokens
+from entrain.runtime.rundir import check_out, check_resume_order, clear_run, order_of, record_json
 from entrain.runtime.setup import (
     Step,
     TrainConfig,
@@ -60,6 +63,7 @@ from entrain.runtime.setup import (
     run_layout,
     source_of,
 )
+from entrain.runtime.stopping import StopRequest, signal_name
 from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule import replica_pool
 from entrain.workload.manifest import read_manifest
@@ -413,18 +417,27 @@ class Trainer:
     def checkpoint_root(self) -> Path | None:
         """Where this run checkpoints (None: it does not)."""
         cfg = self.cfg
-        if not cfg.checkpoint_every:
+        if not (cfg.checkpoint_every or cfg.checkpoint_on_stop):
             return None
         root = (
             cfg.checkpoint_dir or cfg.resume or (Path(cfg.out) / "checkpoints" if cfg.out else None)
         )
         if root is None:
-            raise ValueError("--checkpoint-every needs --checkpoint-dir, --resume or --out")
+            raise ValueError(
+                "--checkpoint-every and --checkpoint-on-stop need --checkpoint-dir, --resume "
+                "or --out"
+            )
         return Path(root)
 
     def _layout(self) -> dict:
         """What a checkpoint must match to be resumed here."""
-        return {"model": self.spec.name, "world": self.world, "plan": self.plan.to_dict()}
+        order = {k: v for k, v in order_of(self.cfg).items() if k != "data"}  # by content
+        return {
+            "model": self.spec.name,
+            "world": self.world,
+            "plan": self.plan.to_dict(),
+            "order": order,
+        }
 
     def save_checkpoint(self, steps_done: int) -> None:
         checkpoint.save(
@@ -437,18 +450,21 @@ class Trainer:
         )
 
     def resume(self) -> int:
-        """Restore the latest checkpoint of --resume; the first step to run."""
+        """Restore the newest intact checkpoint of --resume; the first step to run. Every
+        rank gets the same checkpoint, or the same error (runtime/checkpoint.py)."""
+        if self.checkpoint_root is not None:  # a file: refused now, not at the first save
+            checkpoint.check_folder(self.checkpoint_root)
         if not self.cfg.resume:
             return 0
-        path = checkpoint.latest(self.cfg.resume)
-        if path is None:
-            if self.rank == 0:
-                print(f"entrain: no checkpoint in {self.cfg.resume} yet; starting at step 0")
-            return 0
-        done = checkpoint.load(path, self.named, self.opt, self._layout())
+        found = checkpoint.restore(self.cfg.resume, self.named, self.opt, self._layout())
         if self.rank == 0:
-            print(f"entrain: resumed from {path} ({done} steps done)")
-        return done
+            if found.path is None:
+                print(f"entrain: no checkpoint in {self.cfg.resume} yet; starting at step 0")
+            else:
+                for line in found.notes():
+                    print(f"entrain: {line}", flush=True)
+                print(f"entrain: resumed from {found.path} ({found.steps} steps done)")
+        return found.steps
 
     def save_params(self, out: Path) -> None:
         """This rank's parameters after the last step, and that step's (clipped) gradients."""
@@ -571,11 +587,14 @@ def _inject_fault(step: int, rank: int) -> None:
 
 def _keep_steps_before(path: Path, step: int) -> None:
     """Drop the lines of a per-step JSONL log from `step` on: a resumed run redoes them
-    (their effect on the weights was not checkpointed)."""
+    (their effect on the weights was not checkpointed). A last line cut short by a stop
+    mid-write goes too, with a note."""
     if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [x for x in lines if x.strip() and json.loads(x)["step"] < step]
-        path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+        notes: list[str] = []
+        kept = [row for row in read_log(path, notes, need=("step",)) if row["step"] < step]
+        for note in notes:
+            print(f"entrain: {note}", flush=True)
+        path.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
 
 
 def pin_to_core(rank: int) -> None:
@@ -593,6 +612,20 @@ handed in by the caller (the runtime does not import report/)."""
 
 def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = None) -> list[dict]:
     """Train under an initialized process group (or initialize it from torchrun's env)."""
+    stop = StopRequest()
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+        stop.install(watch="TORCHELASTIC_RESTART_COUNT" in os.environ)
+    try:
+        return _run(cfg, stop, progress, on_trace)
+    finally:
+        stop.restore()
+
+
+def _run(
+    cfg: TrainConfig, stop: StopRequest, progress: bool, on_trace: TraceWriter | None
+) -> list[dict]:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    check_out(cfg, restarted)  # every rank: the same answer, before anything is written
     placement = place(cfg.device)
     if not dist.is_initialized():
         _init_process_group(datetime.timedelta(seconds=cfg.timeout_s), placement)
@@ -600,17 +633,27 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.pin_cores:
         pin_to_core(rank)
+    if rank == 0:
+        if cfg.overwrite and not restarted:
+            clear_run(cfg)
+        check_resume_order(cfg)
     trainer = Trainer(cfg, rank, world, placement)
     out = Path(cfg.out) if cfg.out else None
+    start = trainer.resume()
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        # what replay (`entrain runs --simulate`), report and export read back, typed
-        record = RunRecord(with_absolute_paths(trainer.cfg), trainer.plan.to_dict(), world)
-        (out / "config.json").write_text(record.to_json(), encoding="utf-8")
-    start = trainer.resume()
-    if out and rank == 0:  # steps past the checkpoint are redone: their log lines go
-        for log in ("metrics.jsonl", "samples.jsonl"):
+        # what replay (`entrain runs --simulate`), report and export read back, typed; written
+        # once the checkpoint is accepted, with this launch as the run's newest segment
+        record = record_json(trainer.cfg, trainer.plan.to_dict(), world, start, out)
+        (out / "config.json").write_text(record, encoding="utf-8")
+        for log in ("metrics.jsonl", "samples.jsonl"):  # steps past the checkpoint are redone
             _keep_steps_before(out / log, start)
+        if cfg.empty_microbatches:
+            print(
+                f"entrain: {cfg.empty_microbatches} of {cfg.microbatches} microbatches per "
+                "replica are empty every step (--allow-empty-microbatches)",
+                flush=True,
+            )
     dist.barrier()
     history = []
     bar = _progress(cfg.steps, start) if (progress and rank == 0) else None
@@ -630,9 +673,12 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
             history.append(m)
             if logs:
                 logs.write(step, m, consumed)
-            if trainer.checkpoint_root and (
-                (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
-            ):
+            saved = (
+                trainer.checkpoint_root is not None
+                and cfg.checkpoint_every > 0
+                and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
+            )
+            if saved:
                 trainer.save_checkpoint(step + 1)
             if bar:
                 bar[0].update(
@@ -640,8 +686,19 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
                 )
             if out and rank == 0 and cfg.trace and on_trace and step == cfg.steps - 1:
                 on_trace(events, out / "trace.json", f"entrain train ({cfg.policy})")
-        if out and cfg.save_params:
-            trainer.save_params(out)
+            if step + 1 < cfg.steps and (signum := stop.agreed()):
+                if bar:
+                    bar[0].stop()
+                    bar = None
+                if cfg.checkpoint_on_stop and not saved:
+                    trainer.save_checkpoint(step + 1)
+                    saved = True
+                if rank == 0:
+                    _say_stopped(signum, step + 1, cfg.steps, trainer.checkpoint_root)
+                break
+        else:
+            if out and cfg.save_params:
+                trainer.save_params(out)
         dist.barrier()
         if rank == 0 and trainer.skipped:
             where = f" (listed in {out / 'skipped.jsonl'})" if out else ""
@@ -654,6 +711,26 @@ def run(cfg: TrainConfig, progress: bool = True, on_trace: TraceWriter | None = 
         if bar:
             bar[0].stop()
     return history
+
+
+def _say_stopped(signum: int, done: int, steps: int, root: Path | None) -> None:
+    """The one line a stopped run leaves: why, after which step, where to continue from
+    (stderr: the launcher reads it there and then says nothing more). Best effort: when the
+    launcher is gone, so is the pipe."""
+    last = checkpoint.latest(root) if root is not None else None
+    where = (
+        f"last checkpoint {last} (continue with --resume {root})"
+        if last is not None
+        else "no checkpoint (use --checkpoint-every N or --checkpoint-on-stop to keep progress)"
+    )
+    try:
+        print(
+            f"entrain: stopped by {signal_name(signum)} after step {done} of {steps}; {where}",
+            file=sys.stderr,
+            flush=True,
+        )
+    except OSError:
+        pass
 
 
 def _progress(total: int, done: int = 0):

@@ -20,6 +20,7 @@ import numpy as np
 from entrain.config import RunRecord, read_run_config
 from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import run_spec
+from entrain.runlog import after_warmup, read_metrics
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.simulator import SimResult, simulate
 from entrain.workload.manifest import read_manifest
@@ -43,7 +44,7 @@ class Replay:
 
     @property
     def steady(self) -> list[StepReplay]:
-        return self.steps[self.warmup :] or self.steps
+        return after_warmup(self.steps, self.warmup)
 
     @property
     def measured(self) -> float:
@@ -72,21 +73,9 @@ class Replay:
 
 
 def _run_files(run_dir: Path) -> tuple[RunRecord, list[dict]]:
-    record = read_run_config(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.exists():
-        raise ValueError(f"{run_dir}: no metrics.jsonl (was it trained with --out {run_dir}?)")
-    try:
-        rows = [
-            json.loads(x)
-            for x in metrics_path.read_text(encoding="utf-8").splitlines()
-            if x.strip()
-        ]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{run_dir}: broken run files ({e})") from None
-    if not rows:
-        raise ValueError(f"{metrics_path}: no steps recorded")
-    return record, rows
+    """The run's config and steps; a note on a last line cut short is left to the caller
+    that shows the run (`runs`, `report`), which reads metrics.jsonl first."""
+    return read_run_config(run_dir), read_metrics(run_dir, need=("step", "iter_time"))
 
 
 class RunReplayer:

@@ -29,6 +29,22 @@ class ManifestError(ValueError):
         super().__init__(f"{where}:{what} {msg}")
 
 
+class ShortManifestError(ManifestError):
+    """A manifest with fewer samples than one global batch. `plan`, `simulate` and
+    `analyze` refuse it: they would report the global batch asked for while working on a
+    smaller one, with fewer microbatches' worth of samples per replica than the run has."""
+
+    def __init__(self, path: str | os.PathLike, samples: int, global_batch: int, why: str = ""):
+        self.samples, self.global_batch = samples, global_batch
+        super().__init__(
+            path,
+            None,
+            None,
+            f"{samples} sample(s), fewer than one global batch of {global_batch}{why}; "
+            f"pass --global-batch {samples} or less",
+        )
+
+
 # Sizes are held as float64 and counts as int64: beyond 2**53 neither is exact, and no real
 # image side, token count or duration comes near it.
 _LIMIT = 2**53
@@ -165,6 +181,10 @@ class ManifestReader:
     def __iter__(self) -> Iterator[Workload]:
         if not self.path.exists():
             raise ManifestError(self.path, None, None, "file not found")
+        if self.path.is_dir():
+            inside = self.path / "manifest.jsonl"
+            hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+            raise ManifestError(self.path, None, None, f"a folder, not a manifest file{hint}")
         chunk = _Chunk.new()
         # Binary lines, decoded one by one: a text-mode reader decodes ahead in blocks and
         # would blame a bad byte on the wrong line.
@@ -256,19 +276,26 @@ def write_manifest(
 ) -> int:
     """Write one workload or a stream of chunks as a manifest; returns samples written.
 
-    Written to a temporary name and renamed at the end, so a reader never sees half a file.
+    Written to a temporary name and renamed at the end, so a reader never sees half a file;
+    the temporary file goes too when the writing stops (Ctrl-C, a full disk, a bad chunk).
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     chunks = [workload] if isinstance(workload, Workload) else workload
     written = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for chunk in chunks:
-            f.writelines(json.dumps(r, separators=(",", ":")) + "\n" for r in chunk.to_records())
-            written += len(chunk)
-            if on_progress:
-                on_progress(len(chunk))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                f.writelines(
+                    json.dumps(r, separators=(",", ":")) + "\n" for r in chunk.to_records()
+                )
+                written += len(chunk)
+                if on_progress:
+                    on_progress(len(chunk))
+        os.replace(tmp, path)
+    except BaseException:  # KeyboardInterrupt too: a half-written trace is of no use
+        tmp.unlink(missing_ok=True)
+        raise
     return written
 
 
