@@ -111,7 +111,7 @@ def _reference(vl: Path, messages: list[dict], images: list[Path]) -> tuple[list
 
 def test_ids_and_labels_equal_the_processor_and_template(vl, tmp_path):
     manifest = _manifest(tmp_path, vl)
-    cfg = TrainConfig(data=str(manifest), model=str(vl), global_batch=3)
+    cfg = TrainConfig(data=str(manifest), model=str(vl), global_batch=3, microbatches=1)
     data = open_dataset(cfg, source_of(cfg))
     for i, rec in enumerate(data.records):
         ids, labels = _reference(vl, CONVERSATIONS[rec.id], rec.images)
@@ -144,7 +144,7 @@ def test_manifest_counts_what_training_trains(vl, tmp_path):
     convert("llava", src, out, ReaderOptions(tokenizer=str(vl)))
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert recs[1]["messages"][0]["content"][:2] == [{"type": "image"}, {"type": "image"}]
-    cfg = TrainConfig(data=str(out), model=str(vl), global_batch=3)
+    cfg = TrainConfig(data=str(out), model=str(vl), global_batch=3, microbatches=1)
     data = open_dataset(cfg, source_of(cfg))  # raises if any text_tokens differed
     assert [data.tokens(i).text_tokens for i in range(3)] == [r["text_tokens"] for r in recs]
 
@@ -156,7 +156,7 @@ def test_a_conversation_without_an_assistant_turn_is_named(vl, tmp_path):
     rec["messages"] = rec["messages"][:2]  # system and user: nothing to learn
     lines[1] = json.dumps(rec)
     manifest.write_text("\n".join(lines) + "\n")
-    cfg = TrainConfig(data=str(manifest), model=str(vl), global_batch=2)
+    cfg = TrainConfig(data=str(manifest), model=str(vl), global_batch=2, microbatches=1)
     with pytest.raises(
         SampleError, match=r"manifest.jsonl:2: sample 'text-only': .*no assistant turn"
     ):

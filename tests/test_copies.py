@@ -1,6 +1,6 @@
 """Encoder copies: an encoder on several ranks of a replica, each encoding a share of every
-encoder microbatch split by cost, their gradients summed with the replicas'; every policy
-ends the step as the single-process reference does."""
+encoder microbatch split by the policy's rule (by sample, item or unit), their gradients
+summed with the replicas'; every policy ends the step as the single-process reference does."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from runtime_helpers import assert_matches_reference, train
 
 from entrain.runtime.demo_data import make_demo_data
-from entrain.runtime.iteration import split_by_cost
 from entrain.runtime.setup import TrainConfig
 from entrain.schedule import POLICIES
 
@@ -27,12 +25,26 @@ def demo(tmp_path_factory) -> Path:
     return make_demo_data(tmp_path_factory.mktemp("demo"), 40, seed=1)
 
 
-def test_split_by_cost_by_hand():
-    # largest first to the least loaded: 5 -> 0; 4 -> 1; 3 -> 1 (4 < 5); 3 -> 0 (5 < 7);
-    # 1 -> 1 (7 < 8): loads 8 and 8
-    assert split_by_cost(np.array([5.0, 4.0, 3.0, 3.0, 1.0]), 2) == [0, 1, 1, 0, 1]
-    assert split_by_cost(np.array([2.0, 2.0]), 3) == [0, 1]
-    assert split_by_cost(np.array([]), 2) == []
+def test_the_runtime_splits_copies_as_the_simulator_does(demo):
+    """The runtime's copy of each unit is schedule/copies.py's, for every policy (the
+    simulator times the same split: tests/test_sim.py checks the rules by hand)."""
+    from entrain.cost import cost_batch
+    from entrain.runtime.iteration import IterationPlan
+    from entrain.runtime.setup import spec_of
+    from entrain.schedule import assign
+    from entrain.schedule.copies import unit_copies
+    from entrain.workload.manifest import read_manifest
+
+    cfg = TrainConfig(data=str(demo), global_batch=10, microbatches=3)
+    spec = spec_of(cfg)
+    batch = cost_batch(read_manifest(demo).slice(0, 10), spec)
+    for policy in POLICIES:
+        asg = assign(policy, batch, 1, 3)
+        plan = IterationPlan.build(batch, asg, spec, 1, lambda e, s, i: ("image", i),
+                                   copies={"vision": 2})  # fmt: skip
+        want = unit_copies(batch, asg, "vision", 2)
+        assert plan.unit_copy["vision"] == want.tolist(), policy
+        assert set(want.tolist()) == {0, 1}, policy  # both copies work
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))

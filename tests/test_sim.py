@@ -13,7 +13,7 @@ from entrain.cost.flops import module_params
 from entrain.cost.hardware import HARDWARE, Hardware
 from entrain.models.load import load_spec
 from entrain.models.spec import ModelSpec, TransformerSpec, VisionSpec
-from entrain.schedule import assign
+from entrain.schedule import POLICIES, assign
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.simulator import simulate
@@ -381,3 +381,54 @@ def test_scale_smoke():
     assert all(0 < t < res.iter_time for t in res.busy.values())
     assert res.samples == 2048
     assert res.tokens == int(batch.llm_tokens.sum())
+
+
+# ------------------------------------------------------------ encoder copies, fair per policy
+
+
+def _two_copy_case():
+    """One replica, one microbatch, 4 samples with vision items of 4, 3, 2, 1 seconds (one
+    unit each, except sample 0's item, cut in two units of 2), an encoder on 2 copies."""
+    units = UnitTable(
+        sample=np.array([0, 0, 1, 2, 3]),
+        item=np.array([0, 0, 1, 2, 3]),
+        tokens=np.full(5, 4, dtype=np.int64),
+        llm_tokens=np.full(5, 2, dtype=np.int64),
+        fwd=np.array([2.0, 2.0, 3.0, 2.0, 1.0]),
+        bwd=np.zeros(5),
+    )
+    batch = _batch([0.0] * 4, [0.0] * 4, 1, {"vision": units})
+    plan = ParallelPlan(dp=1, llm_pp=1, microbatches=1, encoder_tp={"vision": 1},
+                        encoder_dp={"vision": 2})  # fmt: skip
+    return batch, plan
+
+
+@pytest.mark.parametrize(
+    "rule, copies, busiest",
+    [
+        # samples dealt in turn: copy 0 gets samples 0, 2 (4 + 2), copy 1 samples 1, 3 (3 + 1)
+        ("sample", [0, 0, 1, 0, 1], 6.0),
+        # whole items largest first: 4 -> 0, 3 -> 1, 2 -> 1 (3 < 4), 1 -> 0 (4 < 5): 5 and 5
+        ("item", [0, 0, 1, 1, 0], 5.0),
+        # units largest first: 3 -> 0, 2 -> 1, 2 -> 1 (2 < 3), 2 -> 0 (3 < 4), 1 -> 1 (4 < 5)
+        ("unit", [1, 1, 0, 0, 1], 5.0),
+    ],
+)
+def test_each_policy_splits_a_microbatch_over_copies_its_own_way(rule, copies, busiest):
+    from entrain.schedule.copies import unit_copies
+
+    batch, plan = _two_copy_case()
+    zeros = np.zeros(4, dtype=np.int64)
+    asg = Assignment(1, 1, zeros, zeros, {"vision": np.zeros(5, dtype=np.int64)},
+                     {"vision": np.zeros(5, dtype=np.int64)}, rule)  # fmt: skip
+    assert unit_copies(batch, asg, "vision", 2).tolist() == copies
+    res = simulate(batch, asg, _vision_model(True), plan, IDEAL, record_events=True)
+    assert _events(res, "vision/r0")["F0"] == pytest.approx((0.0, busiest))
+
+
+def test_the_policies_carry_their_copy_rule():
+    batch = cost_batch(generate_workload("omni", 64, seed=0), load_spec("omni-7b"))
+    rules = {p: assign(p, batch, 2, 4).copy_rule for p in POLICIES}
+    coupled = ("sequential", "llm-balanced", "encoder-balanced", "joint")
+    assert rules == {**dict.fromkeys(coupled, "sample"), "encoder-rebalance": "item",
+                     "entrain": "unit"}  # fmt: skip

@@ -13,6 +13,7 @@ from entrain.cost.batch import CostedBatch
 from entrain.models.spec import ModelSpec
 from entrain.runtime.messages import capacity
 from entrain.schedule.assignment import Assignment
+from entrain.schedule.copies import unit_copies
 
 
 @dataclass
@@ -62,7 +63,7 @@ class IterationPlan:
         copies: dict[str, int] | None = None,
     ) -> IterationPlan:
         """`copies`: encoders on several ranks per replica (ParallelPlan.encoder_dp); each of
-        their microbatches' units are split among the copies by cost."""
+        their microbatches' units are split among the copies by the policy's rule."""
         units: dict[str, list[UnitRef]] = {}
         prefix: list[list[tuple[str, int]]] = [[] for _ in range(batch.n_samples)]
         for enc in spec.encoders:
@@ -102,15 +103,8 @@ class IterationPlan:
                 s
             )
         copies = copies or {}
-        for e, refs in units.items():
-            plan.unit_copy[e] = [0] * len(refs)
-            n = copies.get(e, 1)
-            if n > 1:
-                cost = batch.units[e].cost
-                for (name, _, _), us in plan.enc_mb.items():
-                    if name == e:
-                        for u, c in zip(us, split_by_cost(cost[us], n)):
-                            plan.unit_copy[e][u] = c
+        for e in units:  # the policy's own split (schedule/copies.py), as the simulator's
+            plan.unit_copy[e] = unit_copies(batch, asg, e, copies.get(e, 1)).tolist()
         return plan
 
     def embed_cap(self, encoder: str, units: list[int]) -> int:
@@ -177,15 +171,3 @@ class IterationPlan:
             for u in self.enc_mb.get((encoder, replica, k), []):
                 out[k] = max(out[k], self.unit_dest(encoder, u)[1])
         return out
-
-
-def split_by_cost(cost: np.ndarray, copies: int) -> list[int]:
-    """Which of `copies` ranks takes each unit: largest first to the least loaded (ties to
-    the lower copy), so the copies of an encoder finish a microbatch together."""
-    load = np.zeros(copies)
-    out = [0] * len(cost)
-    for i in np.argsort(-np.asarray(cost, dtype=np.float64), kind="stable"):
-        c = int(np.argmin(load))
-        out[int(i)] = c
-        load[c] += cost[i]
-    return out

@@ -27,6 +27,9 @@ class Assignment:
     sample_mb: np.ndarray  # (N,) int64, the sample's LLM microbatch
     unit_replica: dict[str, np.ndarray]  # encoder -> (U,) int64
     unit_mb: dict[str, np.ndarray]  # encoder -> (U,) int64
+    copy_rule: str = "unit"
+    """How an encoder microbatch's units are split over the encoder's copies in a replica
+    (schedule/copies.py): by "sample", "item" or "unit"."""
 
     @property
     def n_bins(self) -> int:
@@ -54,6 +57,7 @@ class Assignment:
             sample_mb=mb,
             unit_replica={e: rep[u.sample] for e, u in batch.units.items()},
             unit_mb={e: mb[u.sample] for e, u in batch.units.items()},
+            copy_rule="sample",  # data-parallel encoders: each copy its share of the samples
         )
 
     def violations(self, batch: CostedBatch) -> list[str]:

@@ -81,4 +81,6 @@ def encoder_rebalance(batch: CostedBatch, dp: int, microbatches: int) -> Assignm
         item_rep = lpt_groups(item_cost, item_slot, microbatches, dp)
         unit_replica[e] = item_rep[u.item]
         unit_mb[e] = item_slot[u.item]
-    return Assignment(dp, microbatches, base.sample_replica, base.sample_mb, unit_replica, unit_mb)
+    return Assignment(
+        dp, microbatches, base.sample_replica, base.sample_mb, unit_replica, unit_mb, "item"
+    )

@@ -30,6 +30,7 @@ from entrain.cost.flops import module_params
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
 from entrain.schedule.assignment import Assignment
+from entrain.schedule.copies import unit_copies
 from entrain.schedule.metrics import deferred_tokens
 from entrain.schedule.parallel import ParallelPlan
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
@@ -124,15 +125,13 @@ def _bin_sum(bins: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
     return np.bincount(bins, weights=weights, minlength=n)
 
 
-def _split(bins: np.ndarray, work: np.ndarray, n: int, copies: int) -> np.ndarray:
-    """Work of the slowest of `copies` encoder copies sharing each bin's units: the even
-    share, but never less than the largest unit (a unit is not split)."""
-    total = _bin_sum(bins, work, n) / copies
+def _busiest(bins: np.ndarray, copy: np.ndarray, work: np.ndarray, n: int, copies: int):
+    """Work of each bin's busiest encoder copy, with the units split among the copies as the
+    policy splits them (schedule/copies.py)."""
     if copies == 1:
-        return total
-    largest = np.zeros(n)
-    np.maximum.at(largest, bins, work)
-    return np.maximum(total, largest)
+        return _bin_sum(bins, work, n)
+    per_copy = np.bincount(bins * copies + copy, weights=work, minlength=n * copies)
+    return per_copy.reshape(n, copies).max(axis=1)
 
 
 def simulate(
@@ -202,8 +201,9 @@ def simulate(
         ebin = asg.unit_bin(enc.name)
         runs = np.bincount(ebin, minlength=B) > 0
         call_f, call_b = batch.call_cost.get(enc.name, (0.0, 0.0))
-        f_enc = hw.seconds(_split(ebin, u.fwd, B, copies) + call_f * runs, unit, tp)
-        b_enc = hw.seconds(_split(ebin, u.bwd, B, copies) + call_b * runs, unit, tp)
+        copy = unit_copies(batch, asg, enc.name, copies)
+        f_enc = hw.seconds(_busiest(ebin, copy, u.fwd, B, copies) + call_f * runs, unit, tp)
+        b_enc = hw.seconds(_busiest(ebin, copy, u.bwd, B, copies) + call_b * runs, unit, tp)
         trains = bool(u.bwd.sum() > 0) or not enc.frozen
         # LLM microbatch of each unit's sample; the last one each encoder bin feeds
         ubin = llm_bin[u.sample]
