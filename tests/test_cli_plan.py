@@ -76,6 +76,97 @@ def test_plan_table(trace, capsys):
     assert "static plan" in out and "static/oracle" in out and "(16 GPUs)" in out
 
 
+# ----------------------------------------------------------------------------- plan --compare
+
+
+@pytest.fixture(scope="module")
+def compared(trace):
+    """`plan --compare --json` on the small trace: (its JSON, its stderr)."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["plan", str(trace), *COMMON, "--compare", "--json"]) == 0
+    return json.loads(out.getvalue()), err.getvalue()
+
+
+def test_compare_gives_every_policy_its_plan_and_the_best_baseline(compared):
+    result, err = compared
+    pol = result["policies"]
+    assert list(pol) == ALL_POLICIES
+    assert result["gpus"] == 16 and result["global_batch"] == 128 and result["iterations"] == 2
+    for name, m in pol.items():
+        assert m["plan"]["encoder_tp"].keys() == {"vision", "audio"}, name
+        assert m["plan_description"].endswith("(16 GPUs)"), name
+        assert m["throughput"]["samples_per_s"] == pytest.approx(128 / m["iter_time"]), name
+        assert 0 < m["static_over_oracle"] <= 1 + 1e-9, name
+    speed = {p: m["throughput"]["samples_per_s"] for p, m in pol.items()}
+    baselines = {p: v for p, v in speed.items() if p != "entrain"}
+    assert result["best_baseline"] == max(baselines, key=baselines.get)
+    best = speed[result["best_baseline"]]
+    assert result["entrain_over_best_baseline"] == pytest.approx(speed["entrain"] / best)
+    assert pol["entrain"]["speedup"]["sequential"] == pytest.approx(
+        speed["entrain"] / speed["sequential"]
+    )
+    # each search said up front, once per policy, and counted on one bar
+    said = [x for x in err.splitlines() if x.startswith("planning ")]
+    assert [x.split(":")[0] for x in said] == [f"planning {p}" for p in ALL_POLICIES]
+
+
+@pytest.mark.parametrize("policy", ["joint", "entrain"])
+def test_compare_plans_each_policy_as_plan_policy_does(trace, compared, capsys, policy):
+    """The plan --compare gives a policy is the one `plan --policy P` picks for it alone, at
+    the same throughput: not a plan chosen for another policy."""
+    out, _ = run_ok(capsys, ["plan", str(trace), *COMMON, "--policy", policy, "--json"])
+    alone = json.loads(out)
+    mine = compared[0]["policies"][policy]
+    assert mine["plan"] == alone["plan"]
+    assert mine["throughput"]["samples_per_s"] == pytest.approx(
+        alone["throughput"]["samples_per_s"]
+    )
+    # and the train flags it prints run that policy (Entrain's knobs only for Entrain)
+    flags = alone["train_flags"]
+    if policy == "entrain":
+        assert "--policy" not in flags and "--lookahead" in flags
+    else:
+        assert f"--policy {policy}" in flags and "--lookahead" not in flags
+
+
+def test_compare_plans_differ_where_policies_differ(compared):
+    """Only entrain's plans carry its knobs (deferral depth, pool): the baselines were
+    planned with their own policy, not handed entrain's plan."""
+    pol = compared[0]["policies"]
+    for name in ALL_POLICIES[:-1]:
+        assert "ahead=" not in pol[name]["plan_description"], name
+
+
+def test_compare_table_has_a_row_per_policy(trace, compared, capsys):
+    out, _ = run_ok(capsys, ["plan", str(trace), *COMMON, "--compare"])
+    result = compared[0]
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if "│" in line}
+    assert set(rows) == set(ALL_POLICIES)
+    for name, m in result["policies"].items():
+        assert f" {m['plan_description']} " in rows[name], name
+        assert f" {m['throughput']['samples_per_s']:,.1f} " in rows[name], name
+    gain = result["entrain_over_best_baseline"]
+    assert (
+        f"entrain vs best baseline ({result['best_baseline']}, at its own plan): {gain:.3f}x" in out
+    )
+
+
+def test_compare_refuses_what_it_cannot_honour(trace, tmp_path, capsys):
+    """--compare with one --policy, or a plan file to write, is refused, not half done."""
+    with pytest.raises(SystemExit) as e:
+        main(["plan", str(trace), *COMMON, "--compare", "--policy", "joint"])
+    assert e.value.code == 2
+    assert "--policy: not allowed with argument --compare" in capsys.readouterr().err
+    plan_path = tmp_path / "plan.json"
+    line = run_user_error(capsys, ["plan", str(trace), *COMMON, "--compare", "-o", str(plan_path)])
+    assert "--compare writes no plan file" in line and "--policy P -o FILE" in line
+    assert not plan_path.exists()
+
+
 # ---------------------------------------------------------------------------------- simulate
 
 
@@ -142,6 +233,29 @@ def test_simulate_table_lists_every_policy(trace, plan_file, capsys):
     for name in ALL_POLICIES:
         assert name in out
     assert "vs sequential" in out
+    assert out.splitlines()[-1] == (
+        "note: every policy ran on this one plan (chosen for entrain); `entrain plan "
+        "--compare` gives each policy its own best plan"
+    )
+
+
+def test_simulate_says_the_plan_is_shared_and_whose_it_is(trace, tmp_path, capsys):
+    """A plan written by `plan --policy joint` is joint's: simulate says so, as it says
+    entrain's when it plans now; a bare plan object names no policy."""
+    joint = tmp_path / "joint.json"
+    run_ok(capsys, ["plan", str(trace), *COMMON, "--policy", "joint", "-o", str(joint)])
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(json.loads(joint.read_text())["plan"]))
+    for flags, chosen_for in (
+        (["--plan", str(joint)], "joint"),
+        (["--plan", str(bare)], None),
+        ([], "entrain"),
+    ):
+        argv = ["simulate", str(trace), *COMMON, *flags, "--json", "--policies", "joint"]
+        out, _ = run_ok(capsys, argv)
+        result = json.loads(out)
+        assert result["shared_plan"] is True
+        assert result["plan_chosen_for"] == chosen_for, flags
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -52,15 +52,13 @@ def add_manifest_parser(sub) -> argparse.ArgumentParser:
         metavar="DIR",
         help="llava, hf: folder that item paths are relative to (default: the data set's)",
     )
-    mp.add_argument(
-        "--text-column", default="text", metavar="COL", help="hf: text column (default text)"
-    )
-    mp.add_argument(
-        "--image-column", default=None, metavar="COL", help="hf: image column (default: none)"
-    )
-    mp.add_argument(
-        "--audio-column", default=None, metavar="COL", help="hf: audio column (default: none)"
-    )
+    for column, default in (("text", "text"), ("image", None), ("audio", None)):
+        mp.add_argument(
+            f"--{column}-column",
+            default=default,
+            metavar="COL",
+            help=f"hf: {column} column (default: {default or 'none'})",
+        )
     mp.add_argument(
         "--id-column",
         default="id",

@@ -62,9 +62,9 @@ def _tp_options(text: str) -> tuple[int, ...]:
     return tps
 
 
-def train_flags(plan, memory=None) -> str | None:
-    """The `entrain train` flags that run `plan` as its memory was planned (None: the
-    runtime cannot, TP > 1)."""
+def train_flags(plan, memory=None, policy: str = "entrain") -> str | None:
+    """The `entrain train` flags that run `plan` under `policy` as its memory was planned
+    (None: the runtime cannot, TP > 1)."""
     if plan.llm_tp != 1 or any(t != 1 for t in plan.encoder_tp.values()):
         return None
     flags = [f"--nproc {plan.world_size}", f"--dp {plan.dp}", f"--pp {plan.llm_pp}",
@@ -75,6 +75,8 @@ def train_flags(plan, memory=None) -> str | None:
     copies = ",".join(f"{e}={n}" for e, n in plan.encoder_dp.items() if n > 1)
     if copies:
         flags.append(f"--encoder-copies {copies}")
+    if policy != "entrain":  # lookahead and pool are Entrain's
+        return " ".join([*flags, f"--policy {policy}"])
     ahead = plan.encoder_lookahead
     flags.append(f"--lookahead {'unlimited' if ahead is None else ahead}")
     if plan.encoder_pool is not None:
@@ -89,14 +91,92 @@ def _plan_now(spec, batches, hw, cfg, err: Console):
 
     planner = make_planner(spec, batches, hw, cfg)
     search = planner.search()
-    err.print(f"planning: {escape(search.describe())}", highlight=False, soft_wrap=True)
-    if search.narrowed:
-        err.print(f"[yellow]note:[/] {escape(search.narrowed)}", highlight=False, soft_wrap=True)
+    _say_search(search, "planning", err)
     with progress_bar("simulating plans", search.simulations, err) as advance:
         return planner, planner.plan(advance, search)
 
 
+def _say_search(search, label: str, err: Console) -> None:
+    """One stderr line on the search's size, and a note when it was narrowed."""
+    err.print(f"{label}: {escape(search.describe())}", highlight=False, soft_wrap=True)
+    if search.narrowed:
+        err.print(f"[yellow]note:[/] {escape(search.narrowed)}", highlight=False, soft_wrap=True)
+
+
+def _compare_now(spec, batches, hw, cfg, err: Console) -> dict:
+    """Plan for every policy on the same batches, saying each search's size up front, with
+    one progress bar over all their simulations; `compare_policies`' data."""
+    from entrain.planning import compare_policies, policy_planners
+
+    planners = policy_planners(spec, batches, hw, cfg, tuple(POLICIES))
+    searches = {p: planner.search() for p, planner in planners.items()}
+    for p, search in searches.items():
+        _say_search(search, f"planning {p}", err)
+    total = sum(s.simulations for s in searches.values())
+    with progress_bar("simulating plans", total, err) as advance:
+        results = {p: planners[p].plan(advance, searches[p]) for p in planners}
+    return compare_policies(results)
+
+
+def cmd_compare(args: argparse.Namespace, err: Console) -> int:
+    """`entrain plan --compare`: every policy at its own best static plan."""
+    if args.output or args.plot:
+        raise UserError(
+            "--compare writes no plan file or figure: run `entrain plan --policy P -o FILE` "
+            "for the policy you choose (use --json for the comparison as data)"
+        )
+    spec, hw, batches, cfg = _planner_inputs(args, err)
+    cmp = _compare_now(spec, batches, hw, cfg, err)
+    out = {
+        "model": spec.name,
+        "hardware": hw.name,
+        "gpus": cfg.gpus,
+        "global_batch": cfg.global_batch,
+        "iterations": len(batches),
+        **cmp,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    con = stdout_console()
+    con.print(_compare_table(out))
+    best, gain = out["best_baseline"], out["entrain_over_best_baseline"]
+    con.print(
+        f"[bold]entrain vs best baseline[/] ({best}, at its own plan): {gain:.3f}x",
+        highlight=False,
+    )
+    return 0
+
+
+COMPARE_COLUMNS = ("policy", "plan", "iter time (s)", "samples/s", "vs sequential",
+                   "vs best baseline")  # fmt: skip
+
+
+def _compare_table(out: dict) -> Table:
+    """One row per policy at its own plan; Entrain's row in green."""
+    pol, best = out["policies"], out["best_baseline"]
+    table = Table(
+        title=f"each policy at its own best static plan: {out['model']}, {out['gpus']} x "
+        f"{out['hardware']}, global batch {out['global_batch']}, {out['iterations']} batch(es)"
+    )
+    for col in COMPARE_COLUMNS:
+        table.add_column(col, justify="left" if col in ("policy", "plan") else "right")
+    for p, m in pol.items():
+        table.add_row(
+            p,
+            escape(m["plan_description"]),
+            f"{m['iter_time']:.3f}",
+            f"{m['throughput']['samples_per_s']:,.1f}",
+            f"{m['speedup'].get('sequential', 1.0):.2f}x",
+            f"{m['speedup'].get(best, 1.0):.2f}x",
+            style="green" if p == "entrain" else None,
+        )
+    return table
+
+
 def cmd_plan(args: argparse.Namespace, err: Console) -> int:
+    if args.compare:
+        return cmd_compare(args, err)
     spec, hw, batches, cfg = _planner_inputs(args, err)
     _, res = _plan_now(spec, batches, hw, cfg, err)
     out = {
@@ -106,7 +186,7 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
         "global_batch": cfg.global_batch,
         "policy": cfg.policy,
         **res.to_dict(),
-        "train_flags": train_flags(res.static.plan, cfg.memory),
+        "train_flags": train_flags(res.static.plan, cfg.memory, cfg.policy),
     }
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
@@ -135,7 +215,7 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
         f"  {res.feasible} feasible plans, {len(res.simulated)} simulated "
         f"on {len(batches)} batch(es)"
     )
-    flags = train_flags(res.static.plan, cfg.memory)
+    flags = train_flags(res.static.plan, cfg.memory, cfg.policy)
     if flags:
         con.print(f"  run it: entrain train ... {flags}")
     else:
@@ -148,6 +228,8 @@ def cmd_plan(args: argparse.Namespace, err: Console) -> int:
 
 
 def _load_plan(path: str):
+    """The plan in a file from `entrain plan -o` (or a bare plan object), and the policy it
+    was chosen for (None when the file does not say)."""
     from entrain.schedule.parallel import ParallelPlan
 
     try:
@@ -155,10 +237,12 @@ def _load_plan(path: str):
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    policy = data.get("policy") if isinstance(data, dict) and "plan" in data else None
     data = data.get("plan", data) if isinstance(data, dict) else data
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a plan object")
-    return ParallelPlan.from_dict(data)
+    known = isinstance(policy, str) and policy in POLICIES
+    return ParallelPlan.from_dict(data), policy if known else None
 
 
 def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
@@ -167,14 +251,14 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
 
     spec, hw, batches, cfg = _planner_inputs(args, err)
     if args.plan:
-        plan = _load_plan(args.plan)
+        plan, chosen_for = _load_plan(args.plan)
         plan.check_modules(tuple(e.name for e in spec.encoders))
         if plan.world_size != cfg.gpus:
             raise UserError(f"the plan uses {plan.world_size} GPUs but --gpus is {cfg.gpus}")
         planner = make_planner(spec, batches, hw, cfg)
     else:
         planner, res = _plan_now(spec, batches, hw, cfg, err)
-        plan = res.static.plan
+        plan, chosen_for = res.static.plan, cfg.policy
     policies = tuple(dict.fromkeys(args.policies))
     trace_policy = "entrain" if "entrain" in policies else policies[0]
     with progress_bar("simulating", None, err):
@@ -191,6 +275,8 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
         "iterations": len(batches),
         "plan": plan.to_dict(),
         "plan_description": plan.describe(),
+        "shared_plan": True,  # every policy on this one plan: see `entrain plan --compare`
+        "plan_chosen_for": chosen_for,
         "policies": results,
     }
     if args.json:
@@ -213,13 +299,24 @@ def cmd_simulate(args: argparse.Namespace, err: Console) -> int:
             "1.00x" if p == "sequential" else (f"{vs:.2f}x" if vs else "-"),
             style="green" if p == "entrain" else None,
         )
-    stdout_console().print(table)
+    con = stdout_console()
+    con.print(table)
+    con.print(_shared_plan_note(chosen_for, args.plan), highlight=False)
     if args.trace:
         err.print(
             f"trace of {trace_policy}, first batch, written to {args.trace} "
             "(open it in ui.perfetto.dev)"
         )
     return 0
+
+
+def _shared_plan_note(chosen_for: str | None, path: str | None) -> str:
+    """Why a baseline's row may undersell it: it ran on a plan chosen for another policy."""
+    source = f"chosen for {chosen_for}" if chosen_for else f"from {path}"
+    return (
+        f"note: every policy ran on this one plan ({escape(source)}); `entrain plan --compare` "
+        "gives each policy its own best plan"
+    )
 
 
 def _add_planner_flags(sp: argparse.ArgumentParser) -> None:
@@ -286,11 +383,17 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
         "reports the dynamic oracle, which re-plans for every batch, and static_over_oracle.",
     )
     _add_planner_flags(sp)
-    sp.add_argument(
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument(
         "--policy",
         default="entrain",
         choices=list(POLICIES),
         help="policy the plans are simulated with (default entrain)",
+    )
+    which.add_argument(
+        "--compare",
+        action="store_true",
+        help="plan for every policy, each at its own best plan, and compare them side by side",
     )
     sp.add_argument("-o", "--output", help="write the plan (JSON) here, for simulate --plan")
     sp.add_argument("--plot", help="save the static-vs-oracle figure (PNG) here")
@@ -305,7 +408,8 @@ def add_simulate_parser(sub) -> argparse.ArgumentParser:
         help="simulate every policy on a plan",
         description="Simulate one training iteration per sampled global batch for every "
         "policy, on a plan from --plan or chosen now, and report iteration time, throughput, "
-        "bubbles and speed-ups.",
+        "bubbles and speed-ups. Every policy runs on that one plan; `entrain plan --compare` "
+        "gives each policy its own best plan.",
     )
     _add_planner_flags(sp)
     sp.add_argument("--plan", help="plan JSON from `entrain plan -o` (default: plan now)")

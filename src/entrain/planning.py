@@ -4,6 +4,7 @@ from a manifest."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
@@ -63,6 +64,55 @@ def make_planner(
     return Planner(spec, batches, hw, cfg, simulate=simulate)
 
 
+def policy_planners(
+    spec: ModelSpec,
+    batches: list[CostedBatch],
+    hw: Hardware,
+    cfg: PlannerConfig,
+    policies: tuple[str, ...],
+) -> dict[str, Planner]:
+    """One planner per policy, each searching with its own policy, all over the same costed
+    batches (read and costed once): a policy judged on a plan chosen for another policy is
+    judged unfairly, so `entrain plan --compare` gives each its own best plan."""
+    return {
+        p: make_planner(spec, batches, hw, dataclasses.replace(cfg, policy=p)) for p in policies
+    }
+
+
+def compare_policies(results: dict[str, PlanResult]) -> dict:
+    """Each policy at its own best static plan (`results`: policy -> its planner's result),
+    side by side: the plan, mean iteration time, throughput and speed-up over every other
+    policy; the best baseline (the fastest policy other than Entrain, at its own plan) and
+    Entrain's throughput over it (None without both)."""
+    out: dict[str, dict] = {}
+    for p, r in results.items():
+        out[p] = {
+            "plan": r.static.plan.to_dict(),
+            "plan_description": r.static.plan.describe(),
+            "iter_time": float(np.mean(r.static.iter_times)),
+            "throughput": {"samples_per_s": r.static_throughput},
+            "static_over_oracle": r.static_over_oracle,
+            "search_narrowed": r.narrowed,
+        }
+    _add_speedups(out)
+    baselines = [p for p in out if p != "entrain"]
+    best = max(baselines, key=lambda p: out[p]["throughput"]["samples_per_s"], default=None)
+    gain = None
+    if best is not None and "entrain" in out:
+        gain = out["entrain"]["speedup"][best]
+    return {"policies": out, "best_baseline": best, "entrain_over_best_baseline": gain}
+
+
+def _add_speedups(out: dict[str, dict]) -> None:
+    """Each policy's `speedup` over every other: its samples/s over theirs."""
+    for p, m in out.items():
+        m["speedup"] = {
+            b: m["throughput"]["samples_per_s"] / out[b]["throughput"]["samples_per_s"]
+            for b in out
+            if b != p
+        }
+
+
 def simulate_policies(
     planner: Planner, plan: ParallelPlan, policies: tuple[str, ...], trace_policy: str | None = None
 ) -> tuple[dict, list]:
@@ -87,10 +137,5 @@ def simulate_policies(
             "bubble_fraction": float(np.mean([r.bubble_fraction for r in runs])),
             "peak_deferred_tokens": float(max(r.peak_deferred_tokens for r in runs)),
         }
-    for p, m in out.items():
-        m["speedup"] = {
-            b: m["throughput"]["samples_per_s"] / out[b]["throughput"]["samples_per_s"]
-            for b in out
-            if b != p
-        }
+    _add_speedups(out)
     return out, events
