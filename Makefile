@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sim.py
 	$(PY) benchmarks/regimes.py
 	$(PY) benchmarks/sim_eval.py
+	$(PY) benchmarks/regime_map.py
 	$(PY) benchmarks/sim_vs_real.py
 	$(PY) benchmarks/bench_load.py
 
