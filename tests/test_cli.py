@@ -209,6 +209,16 @@ def test_analyze_tail_and_short_manifest(trace, capsys):
         assert json.loads(out)["samples"] == 300
 
 
+def test_analyze_refuses_empty_microbatches_unless_allowed(trace, capsys):
+    base = ["analyze", str(trace), "--model", "tiny", "--dp", "2", "--microbatches", "8",
+            "--global-batch", "8", "--json"]  # fmt: skip
+    line = run_user_error(capsys, base)
+    assert "4 microbatch(es) would be empty and inflate every cv" in line
+    out, err = run_ok(capsys, [*base, "--allow-empty-microbatches"])
+    assert "4 of 8 microbatches per replica are empty" in err
+    assert json.loads(out)["policies"]
+
+
 def test_analyze_policies_subset_and_seed(trace, capsys):
     argv = ["analyze", str(trace), *ANALYZE, "--json", "--policies", "joint", "entrain"]
     out, _ = run_ok(capsys, [*argv, "--seed", "3"])

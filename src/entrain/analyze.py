@@ -35,6 +35,9 @@ class AnalyzeConfig:
     seed: int | None = None
     """Shuffle samples with this seed before batching (as a training epoch would); None
     keeps manifest order."""
+    allow_empty_microbatches: bool = False
+    """Analyze even when a replica gets fewer samples a batch than microbatches (the empty
+    ones count in every cv, which then says more about the shape than about the data)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "microbatches", "global_batch"):
@@ -44,12 +47,27 @@ class AnalyzeConfig:
                 )
         if self.iterations < 0:
             raise ValueError(f"--iterations must be >= 0, got {self.iterations}")
+        if self.empty_microbatches and not self.allow_empty_microbatches:
+            raise ValueError(
+                f"--microbatches {self.microbatches}: a replica gets only "
+                f"{self.global_batch // self.dp} sample(s) of a global batch of "
+                f"{self.global_batch} over {self.dp} replica(s), so "
+                f"{self.empty_microbatches} microbatch(es) would be empty and inflate every "
+                "cv; use fewer microbatches, a larger global batch, or "
+                "--allow-empty-microbatches"
+            )
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown:
             raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
         if not self.policies:
             raise ValueError("no policies to run")
         self.policies = tuple(dict.fromkeys(self.policies))
+
+
+    @property
+    def empty_microbatches(self) -> int:
+        """Microbatches per replica that get no sample (fewer samples than microbatches)."""
+        return max(0, self.microbatches - self.global_batch // self.dp)
 
 
 def cv_reduction(policies: dict[str, dict]) -> dict[str, float | None]:

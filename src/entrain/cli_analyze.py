@@ -55,6 +55,12 @@ def add_analyze_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="measured profile (entrain profile): work in measured seconds, not FLOPs",
     )
+    an.add_argument(
+        "--allow-empty-microbatches",
+        action="store_true",
+        help="analyze even when a replica gets fewer samples than microbatches (the empty "
+        "ones count in every cv)",
+    )
     an.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     an.set_defaults(func=cmd_analyze)
     return an
@@ -121,7 +127,13 @@ def cmd_analyze(args: argparse.Namespace, err: Console) -> int:
         iterations=args.iterations,
         policies=tuple(args.policies),
         seed=args.seed,
+        allow_empty_microbatches=args.allow_empty_microbatches,
     )
+    if cfg.empty_microbatches:
+        err.print(
+            f"note: {cfg.empty_microbatches} of {cfg.microbatches} microbatches per replica "
+            "are empty in every batch; every cv counts them"
+        )
     model = None
     if args.profile:  # balance and measure in measured seconds instead of FLOPs
         from entrain.cost.profile import load_profile
