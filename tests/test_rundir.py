@@ -89,6 +89,18 @@ def test_overwrite_and_resume_together_and_a_file_to_resume_from_are_refused(dat
         check_out(TrainConfig(data=str(data), resume=str(f), checkpoint_every=1))
 
 
+def test_an_out_folder_the_run_cannot_write_is_refused(data, tmp_path, monkeypatch):
+    real = os.access
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro and real(p, mode))
+    with pytest.raises(ConfigError, match=f"--out {ro / 'run'}: cannot write into {ro}"):
+        check_out(TrainConfig(data=str(data), out=str(ro / "run")))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_out(TrainConfig(data=str(data), out=str(tmp_path / "f" / "run")))
+
+
 def test_a_checkpoint_folder_of_another_run_is_refused(data, tmp_path):
     ckpt = tmp_path / "ckpt"
     (ckpt / "step-00000004").mkdir(parents=True)

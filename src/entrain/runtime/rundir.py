@@ -54,6 +54,9 @@ def _steps_logged(path: Path) -> int:
 def check_out(cfg: TrainConfig, restarted: bool = False) -> None:
     """Refuse to start a new run over an existing one. A torchrun restart (`restarted`) of
     this same run is not a new run: it may meet its own files."""
+    for flag, folder in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir)):
+        if folder:
+            _check_writable(flag, Path(folder))
     if restarted:
         return
     if cfg.out and not cfg.resume and not cfg.overwrite:
@@ -75,6 +78,21 @@ def check_out(cfg: TrainConfig, restarted: bool = False) -> None:
         raise ConfigError(
             f"--resume {cfg.resume}: not a folder (give the checkpoint folder, e.g. "
             "OUT/checkpoints)"
+        )
+
+
+def _check_writable(flag: str, folder: Path) -> None:
+    """A folder the run cannot write (read-only file system, permissions) is refused before
+    anything trains: otherwise rank 0 fails at its first write and the others at the next
+    collective."""
+    target = folder
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{flag} {folder}: {target} is a file, not a folder")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{flag} {folder}: cannot write into {target} (read-only or no permission)"
         )
 
 
