@@ -603,15 +603,21 @@ def test_cli_manifest(tmp_path, capsys, tokenizer_dir):
     check_readable(out)
 
     (tmp_path / "images" / "c.png").unlink()
-    args = parse(["llava", str(src), "-o", str(out), "--skip-bad"])
+    args = parse(["llava", str(src), "-o", str(out), "--skip-bad", "--overwrite"])
     assert cmd_manifest(args, err) == 0
     said = err.file.getvalue()
     assert "skipped 1 record(s)" in said and "record 2 (id '7'): image 'images/c.png'" in said
     assert "wrote 2 samples" in said and "(text tokens: estimate)" in said
 
     with pytest.raises(UserError, match="--image-column: not used by the llava format"):
-        cmd_manifest(parse(["llava", str(src), "-o", str(out), "--image-column", "i"]), err)
+        cmd_manifest(
+            parse(["llava", str(src), "-o", str(out), "--image-column", "i", "--overwrite"]), err
+        )
     with pytest.raises(UserError, match="tokenizer folder '.*nowhere' not found"):
-        cmd_manifest(parse(["llava", str(src), "-o", str(out), "--tokenizer", "nowhere"]), err)
+        cmd_manifest(
+            parse(["llava", str(src), "-o", str(out), "--tokenizer", "nowhere", "--overwrite"]), err
+        )
     with pytest.raises(ReaderError, match="record 2 .*no such file"):
+        cmd_manifest(parse(["llava", str(src), "-o", str(out), "--overwrite"]), err)
+    with pytest.raises(UserError, match="exists and is not empty; pass --overwrite"):
         cmd_manifest(parse(["llava", str(src), "-o", str(out)]), err)

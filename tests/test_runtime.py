@@ -119,8 +119,10 @@ def test_empty_microbatches_text_only_and_deferral(tmp_path):
         "--microbatches",
         "6",
         "--no-shuffle",
+        "--allow-empty-microbatches",
     )
-    cfg = TrainConfig(data=str(manifest), steps=1, global_batch=4, microbatches=6, shuffle=False)
+    cfg = TrainConfig(data=str(manifest), steps=1, global_batch=4, microbatches=6, shuffle=False,
+                      allow_empty_microbatches=True)  # fmt: skip
     assert_matches_reference(out, cfg)
 
 

@@ -183,7 +183,7 @@ def test_manifest_of_llava_video_records_trains_with_the_model(tmp_path):
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert recs[0]["video"] == [[6, 48, 64]] and recs[0]["video_fps"] == 2.0  # 3 s at 2 fps
     assert recs[1]["video"] == [[5, 48, 64]]  # a folder: its frames as they are
-    cfg = TrainConfig(data=str(out), model=str(folder), global_batch=2)
+    cfg = TrainConfig(data=str(out), model=str(folder), global_batch=2, microbatches=2)
     data = open_dataset(cfg, source_of(cfg))  # text_tokens and sizes as training counts
     assert [s.modality for s in data.tokens(0).spans] == ["video"]
     source = source_of(cfg)
