@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -25,9 +26,10 @@ class UnitTable:
     fwd: np.ndarray  # (U,) float64, forward cost
     bwd: np.ndarray  # (U,) float64, backward cost (0 for a frozen encoder)
 
-    @property
+    @cached_property
     def cost(self) -> np.ndarray:
-        """Forward + backward: the unit's work when balancing."""
+        """Forward + backward: the unit's work when balancing (computed once: the policies
+        read it many times per batch; the arrays are not changed after costing)."""
         return self.fwd + self.bwd
 
     def __len__(self) -> int:
@@ -59,9 +61,9 @@ class CostedBatch:
         if self.unit not in COST_UNITS:
             raise CostUnitError(f"unknown cost unit {self.unit!r} (expected one of {COST_UNITS})")
 
-    @property
+    @cached_property
     def llm_cost(self) -> np.ndarray:
-        """Forward + backward LLM-side work of each sample."""
+        """Forward + backward LLM-side work of each sample (computed once)."""
         return self.llm_fwd + self.llm_bwd
 
     @property

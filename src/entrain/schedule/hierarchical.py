@@ -34,7 +34,7 @@ from entrain.cost.batch import CostedBatch
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.baselines import joint_bins
 from entrain.schedule.metrics import deferred_tokens
-from entrain.schedule.packing import lpt, place_units
+from entrain.schedule.packing import Ranks, cost_ranks, lpt, place_bins, split_bins
 
 
 @dataclass(kw_only=True)
@@ -128,24 +128,77 @@ def _order_slots(
     # stage; when neighbours differ in size, each such step waits for its slowest partner.
     mean = max(float(llm_load.mean()), 1e-300)
     level = np.floor(llm_load / (smooth * mean)).astype(np.int64)
-    left = [list(np.flatnonzero(bin_rep == r)) for r in range(dp)]
-    running = np.zeros(demand.shape[0])
-    table = np.zeros((dp, M), dtype=np.int64)  # table[r, k]: bin run as microbatch k of r
-    for k in range(M):
-        for r in range(dp):
-            cand = np.asarray(left[r])
-            same = level[cand] == level[cand].min()  # among the lightest level, mind deadlines
+    left = [np.flatnonzero(bin_rep == r).tolist() for r in range(dp)]
+    greedy = _greedy_order if x.shape[0] <= 2 else _greedy_order_numpy
+    table = np.array(greedy(left, level.tolist(), x, margin, M), dtype=np.int64).reshape(M, dp).T
+    table = _improve_order(table, x, margin, level)
+    slot[table] = np.arange(M)[None, :]
+    return slot
+
+
+def _greedy_order(
+    left: list[list[int]], level: list[int], x: np.ndarray, margin: float, M: int
+) -> list[int]:
+    """`_order_slots`' greedy pick, microbatch by microbatch and replica by replica: the bin
+    of microbatch k of replica r, in that order (k major). `left[r]` holds the bins of
+    replica r not yet run; the pick is the first of the lightest level that leaves the
+    running overdrafts least out of band (`_band_cost`).
+
+    It runs D*M times, each over a replica's few bins and one or two encoders, so it is
+    written over Python floats, computing each cost exactly as `_band_cost` does.
+    """
+    E = x.shape[0]
+    xs = x.T.tolist() if E == 2 else [[v, 0.0] for v in x[0].tolist()]
+    run0, run1 = 0.0, 0.0
+    inf = float("inf")
+    out = []
+    for _ in range(M):
+        for cand in left:
+            low = min(level[b] for b in cand)
+            best, best_cost = 0, inf
+            for i, b in enumerate(cand):
+                if level[b] != low:
+                    continue
+                x0, x1 = xs[b]
+                p0 = run0 + x0
+                over = p0 if p0 > 0.0 else 0.0
+                s0 = -p0 - margin
+                slack = s0 if s0 > 0.0 else 0.0
+                if E == 2:
+                    p1 = run1 + x1
+                    if p1 > over:
+                        over = p1
+                    s1 = -p1 - margin
+                    slack = slack + (s1 if s1 > 0.0 else 0.0)
+                cost = 100.0 * over + slack
+                if cost < best_cost:
+                    best, best_cost = i, cost
+            b = cand.pop(best)
+            x0, x1 = xs[b]
+            run0, run1 = run0 + x0, run1 + x1
+            out.append(b)
+    return out
+
+
+def _greedy_order_numpy(
+    left: list[list[int]], level: list[int], x: np.ndarray, margin: float, M: int
+) -> list[int]:
+    """`_greedy_order` for any number of encoders, one numpy step per pick."""
+    running = np.zeros(x.shape[0])
+    lv = np.asarray(level)
+    out = []
+    for _ in range(M):
+        for cand_list in left:
+            cand = np.asarray(cand_list)
+            same = lv[cand] == lv[cand].min()  # among the lightest level, mind deadlines
             i = int(
                 np.flatnonzero(same)[
                     _band_cost(running[:, None] + x[:, cand[same]], margin).argmin()
                 ]
             )
-            table[r, k] = cand[i]
             running += x[:, cand[i]]
-            left[r].pop(i)
-    table = _improve_order(table, x, margin, level)
-    slot[table] = np.arange(M)[None, :]
-    return slot
+            out.append(cand_list.pop(i))
+    return out
 
 
 def _band_cost(prefix: np.ndarray, margin: float) -> np.ndarray:
@@ -195,10 +248,24 @@ def _improve_order(
     return table
 
 
-def _max_work(batch: CostedBatch, module: str, bins: np.ndarray, B: int, units=None) -> float:
-    if module == "llm":
-        return float(np.bincount(bins, weights=batch.llm_cost, minlength=B).max(initial=0.0))
-    return float(np.bincount(bins, weights=units.cost, minlength=B).max(initial=0.0))
+@dataclass(frozen=True)
+class _Work:
+    """Each module's costs in one batch, worked out once: `UnitTable.cost` adds two arrays
+    on every access, and a video-heavy batch has 150k units."""
+
+    llm: np.ndarray  # (N,) per sample
+    enc: dict[str, np.ndarray]  # encoder -> (U,) per unit
+    ranks: dict[str, Ranks]  # encoder -> its units' costs ranked (to sort them fast)
+
+    @staticmethod
+    def of(batch: CostedBatch) -> _Work:
+        enc = {e: u.cost for e, u in batch.units.items()}
+        return _Work(batch.llm_cost, enc, {e: cost_ranks(c) for e, c in enc.items()})
+
+
+def _max_work(cost: np.ndarray, bins: np.ndarray, B: int) -> float:
+    """Work of the fullest of B bins, holding items of `cost` in `bins`."""
+    return float(np.bincount(bins, weights=cost, minlength=B).max(initial=0.0))
 
 
 def _targets(enc_total: float, llm_rm: np.ndarray, proportional: bool) -> np.ndarray:
@@ -213,19 +280,24 @@ def _targets(enc_total: float, llm_rm: np.ndarray, proportional: bool) -> np.nda
 def _place_pooled(
     cost: np.ndarray,
     deadline: np.ndarray,
-    home: np.ndarray,
+    home_of: tuple[np.ndarray, np.ndarray],
     targets: np.ndarray,
     cfg: EntrainConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """place_units within each group of `cfg.pool` replicas (all replicas when None): a
+    cap: float,
+    ranks: Ranks,
+) -> np.ndarray | None:
+    """place_bins within each group of `cfg.pool` replicas (all replicas when None): a
     unit is encoded by an encoder of its sample's group, whose targets are rescaled to the
-    group's own units."""
+    group's own units. `home_of` is (each sample's replica, each unit's sample). Returns each
+    unit's bin k*D + r, or None when some bin is sure to hold more work than `cap`; `ranks`
+    is `cost_ranks(cost)`."""
     M, D = targets.shape
     pool = D if cfg.pool is None else max(1, min(cfg.pool, D))
+    args = (cfg.fine, cfg.repair_steps, cfg.lookahead, cap)
     if pool == D:
-        return place_units(cost, deadline, targets, cfg.fine, cfg.repair_steps, cfg.lookahead)
-    mb = np.zeros(cost.shape[0], dtype=np.int64)
-    rep = np.zeros(cost.shape[0], dtype=np.int64)
+        return place_bins(cost, deadline, targets, *args, ranks=ranks)
+    home = home_of[0][home_of[1]]  # each unit's sample's replica
+    bins = np.zeros(cost.shape[0], dtype=np.int64)
     for g0 in range(0, D, pool):
         mine = np.flatnonzero((home >= g0) & (home < g0 + pool))
         if mine.size == 0:
@@ -237,13 +309,17 @@ def _place_pooled(
             if total > 0
             else np.full_like(t, cost[mine].sum() / t.size)
         )
-        m, r = place_units(cost[mine], deadline[mine], t, cfg.fine, cfg.repair_steps, cfg.lookahead)
-        mb[mine], rep[mine] = m, r + g0
-    return mb, rep
+        got = place_bins(cost[mine], deadline[mine], t, *args, ranks=ranks.subset(mine))
+        if got is None:
+            return None
+        k, r = split_bins(got, t.shape[1])
+        bins[mine] = k * D + r + g0
+    return bins
 
 
 def _try(
     batch: CostedBatch,
+    work: _Work,
     dp: int,
     M: int,
     bins: np.ndarray,
@@ -255,9 +331,12 @@ def _try(
     """Entrain with the LLM packed into `bins` (with `bin_rep` their replicas), or None when
     some module would exceed `bound`."""
     B = dp * M
-    llm_load = np.bincount(bins, weights=batch.llm_cost, minlength=B)
+    llm_load = np.bincount(bins, weights=work.llm, minlength=B)
     demand = np.array(
-        [np.bincount(bins[u.sample], weights=u.cost, minlength=B) for u in batch.units.values()]
+        [
+            np.bincount(bins[u.sample], weights=work.enc[e], minlength=B)
+            for e, u in batch.units.items()
+        ]
     ).reshape(len(batch.units), B)
     slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M, cfg.margin, cfg.smooth)
     s_rep, s_mb = bin_rep[bins], slot_of_bin[bins]
@@ -265,12 +344,15 @@ def _try(
     llm_rm[bin_rep, slot_of_bin] = llm_load
     unit_rep, unit_mb = {}, {}
     for e, u in batch.units.items():
-        deadline = s_mb[u.sample]
+        deadline, cost = s_mb[u.sample], work.enc[e]
         placed = None
         for prop in (True, False) if cfg.proportional else (False,):
-            targets = _targets(float(u.cost.sum()), llm_rm, prop)
-            mb, rep = _place_pooled(u.cost, deadline, s_rep[u.sample], targets, cfg)
-            if _max_work(batch, e, rep * M + mb, B, u) <= bound[e]:
+            targets = _targets(float(cost.sum()), llm_rm, prop)
+            got = _place_pooled(
+                cost, deadline, (s_rep, u.sample), targets, cfg, bound[e], work.ranks[e]
+            )
+            if got is not None and _max_work(cost, got, B) <= bound[e]:
+                mb, rep = split_bins(got, dp)
                 placed = (rep, mb)
                 break
         if placed is None:
@@ -294,7 +376,8 @@ def entrain(
     cfg = config or EntrainConfig()
     cap = cfg.max_deferred_tokens
     check_max_deferred_tokens(cap)
-    asg = _entrain(batch, dp, microbatches, cfg)
+    work = _Work.of(batch)
+    asg = _entrain(batch, work, dp, microbatches, cfg)
     if cap is None:
         return asg
     M = microbatches
@@ -304,24 +387,25 @@ def entrain(
         lookahead -= 1
         if lookahead < 0:  # unreachable: lookahead 0 encodes every unit in its own microbatch
             raise RuntimeError("Entrain could not meet max_deferred_tokens even without deferral")
-        asg = _entrain(batch, dp, M, replace(cfg, lookahead=lookahead))
+        asg = _entrain(batch, work, dp, M, replace(cfg, lookahead=lookahead))
     return asg
 
 
-def _entrain(batch: CostedBatch, dp: int, M: int, cfg: EntrainConfig) -> Assignment:
+def _entrain(batch: CostedBatch, work: _Work, dp: int, M: int, cfg: EntrainConfig) -> Assignment:
     """`entrain` without the cap on deferred tokens."""
     B = dp * M
     jb = joint_bins(batch, dp, M)
     slack = 1 + 1e-9
-    bound = {e: _max_work(batch, e, jb[u.sample], B, u) * slack for e, u in batch.units.items()}
-    bound["llm"] = _max_work(batch, "llm", jb, B) * slack
-    lb = lpt(batch.llm_cost, B)
-    if _max_work(batch, "llm", lb, B) <= bound["llm"]:
-        llm_load = np.bincount(lb, weights=batch.llm_cost, minlength=B)
-        asg = _try(batch, dp, M, lb, _deal_to_replicas(llm_load, dp), bound, cfg, coupled_ok=False)
+    bound = {e: _max_work(work.enc[e], jb[u.sample], B) * slack for e, u in batch.units.items()}
+    bound["llm"] = _max_work(work.llm, jb, B) * slack
+    lb = lpt(work.llm, B)
+    llm_load = np.bincount(lb, weights=work.llm, minlength=B)
+    if llm_load.max(initial=0.0) <= bound["llm"]:
+        rep = _deal_to_replicas(llm_load, dp)
+        asg = _try(batch, work, dp, M, lb, rep, bound, cfg, coupled_ok=False)
         if asg is not None:
             return asg
     # joint's packing: its bins are already r*M + k; a coupled encoder placement meets the bound
-    asg = _try(batch, dp, M, jb, np.arange(B) // M, bound, cfg, coupled_ok=True)
+    asg = _try(batch, work, dp, M, jb, np.arange(B) // M, bound, cfg, coupled_ok=True)
     assert asg is not None
     return asg
