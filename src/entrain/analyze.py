@@ -63,7 +63,6 @@ class AnalyzeConfig:
             raise ValueError("no policies to run")
         self.policies = tuple(dict.fromkeys(self.policies))
 
-
     @property
     def empty_microbatches(self) -> int:
         """Microbatches per replica that get no sample (fewer samples than microbatches)."""
