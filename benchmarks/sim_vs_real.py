@@ -61,18 +61,18 @@ def main() -> int:
                 "--pin-cores", "-o", str(profile),
             )  # fmt: skip
             for p in POLICIES:
-                out = tmp / f"{p}-{r}"
+                run_dir = tmp / f"{p}-{r}"
                 entrain(
                     "train", "--model", str(SPEC), "--data", str(manifest), "--policy", p,
                     "--steps", str(STEPS), "--global-batch", str(GLOBAL_BATCH),
                     "--microbatches", str(MICROBATCHES), "--nproc", "2", "--pin-cores",
-                    "--profile", str(profile), "--out", str(out),
+                    "--profile", str(profile), "--out", str(run_dir),
                 )  # fmt: skip
-                rep = replay_run(out, warmup=EPOCH)
+                rep = replay_run(run_dir, warmup=EPOCH)
                 measured[p] += [s.measured for s in rep.steady]
                 simulated[p] += [s.simulated for s in rep.steady]
                 if p == "entrain":
-                    lookahead.append(read_run_config(out).config.lookahead)
+                    lookahead.append(read_run_config(run_dir).config.lookahead)
         prof = json.loads(profile.read_text())
     meas = {p: statistics.median(v) for p, v in measured.items()}
     sim = {p: statistics.median(v) for p, v in simulated.items()}
