@@ -17,7 +17,7 @@ from entrain import cli_train
 from entrain.cli import build_parser, main
 from entrain.config import ConfigError, TrainConfig
 from entrain.runtime.demo_data import make_demo_data
-from entrain.runtime.rundir import check_out, clear_run, record_json, segments_of
+from entrain.runtime.rundir import check_out, clear_run, order_of, record_json, segments_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VISION = str(ROOT / "benchmarks" / "tiny-vision.yaml")
@@ -51,7 +51,7 @@ def old_run(out: Path, data: Path, **changes) -> TrainConfig:
     cfg = TrainConfig(data=str(data), model=TINY_VISION, global_batch=8, microbatches=2,
                       steps=2, out=str(out), **changes)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(record_json(cfg, {"dp": 1}, 2, 0, out))
+    (out / "config.json").write_text(record_json(cfg, {"dp": 1}, 2, 0, out, order_of(cfg)))
     (out / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n')
     (out / "checkpoints" / "step-00000002").mkdir(parents=True)
     return cfg

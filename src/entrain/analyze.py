@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from entrain.config import empty_microbatches
 from entrain.cost.flops import CostModel, analytic_cost_model
 from entrain.models.spec import ModelSpec
 from entrain.schedule import POLICIES, evaluate, mean_metrics, work
@@ -66,7 +67,7 @@ class AnalyzeConfig:
     @property
     def empty_microbatches(self) -> int:
         """Microbatches per replica that get no sample (fewer samples than microbatches)."""
-        return max(0, self.microbatches - self.global_batch // self.dp)
+        return empty_microbatches(self.microbatches, self.global_batch, self.dp)
 
 
 def cv_reduction(policies: dict[str, dict]) -> dict[str, float | None]:

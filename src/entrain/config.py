@@ -46,6 +46,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the flag, key or file."""
 
 
+def empty_microbatches(microbatches: int, global_batch: int, dp: int) -> int:
+    """Microbatches per replica that a global batch leaves without a sample (training and
+    `entrain analyze` refuse the shape unless asked)."""
+    return max(0, microbatches - global_batch // dp)
+
+
 def _finite(name: str, value: float, low: float = 0.0) -> None:
     if (
         not isinstance(value, int | float)
@@ -356,7 +362,7 @@ class TrainConfig(
     @property
     def empty_microbatches(self) -> int:
         """Microbatches per replica that get no sample in any step."""
-        return max(0, self.microbatches - self.global_batch // self.dp)
+        return empty_microbatches(self.microbatches, self.global_batch, self.dp)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of 0-based `step`."""
@@ -675,14 +681,17 @@ def config_from(
 @dataclass
 class RunRecord:
     """What a run directory's config.json says: the config it trained with (by section), its
-    parallel plan and its world size."""
+    parallel plan and its world size, and each launch of the run (runtime/rundir.py)."""
 
     config: TrainConfig
     plan: dict
     world: int
+    segments: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         body = {"config": self.config.to_recipe(), "plan": self.plan, "world": self.world}
+        if self.segments:
+            body["segments"] = self.segments
         return json.dumps(body, indent=2) + "\n"
 
 
@@ -713,8 +722,12 @@ def read_run_config(run_dir: str | os.PathLike) -> RunRecord:
     if not isinstance(data, dict) or "plan" not in data:
         raise ConfigError(f"{path}: not the config.json of an `entrain train` run")
     body = data["config"] if isinstance(data.get("config"), dict) else data
+    segments = data.get("segments")
     return RunRecord(
-        TrainConfig.from_dict(body, str(path)), data["plan"], int(data.get("world", 0))
+        TrainConfig.from_dict(body, str(path)),
+        data["plan"],
+        int(data.get("world", 0)),
+        segments if isinstance(segments, list) else [],
     )
 
 

@@ -20,12 +20,13 @@ import os
 import shutil
 from pathlib import Path
 
-from entrain.config import ConfigError, TrainConfig, with_absolute_paths
+from entrain.config import ConfigError, RunRecord, TrainConfig, with_absolute_paths
+from entrain.runtime.logbook import TENSORBOARD_DIR
 
 RUN_FILES = ("config.json", "metrics.jsonl", "samples.jsonl", "skipped.jsonl", "trace.json")
 """What a run writes into --out by name (checkpoints/ and the globs below besides)."""
 RUN_GLOBS = ("memory-*.json", "params-*.pt", "grads-*.pt")
-RUN_DIRS = ("checkpoints", "tensorboard")
+RUN_DIRS = ("checkpoints", TENSORBOARD_DIR)
 
 ORDER_FIELDS = ("data", "global_batch", "seed", "shuffle", "dp", "skip_bad", "max_sample_tokens")
 """The settings that decide which samples step n trains."""
@@ -168,10 +169,11 @@ def segments_of(out: str | os.PathLike) -> list[dict]:
     return segments if isinstance(segments, list) else []
 
 
-def check_resume_order(cfg: TrainConfig) -> None:
+def check_resume_order(cfg: TrainConfig, order: dict | None = None) -> None:
     """Before launching: refuse a resume whose settings would train other samples at the
     steps still to come than the run's earlier segments did (the ranks check the checkpoint
-    itself too; this says it in under a second, naming what changed)."""
+    itself too; this says it in under a second, naming what changed). `order`: this run's
+    `order_of(cfg)` when the caller has it already (it hashes the manifest)."""
     if not (cfg.resume and cfg.out):
         return
     done = [p for p in Path(cfg.resume).glob("step-*") if not p.name.endswith(".tmp")]
@@ -180,7 +182,7 @@ def check_resume_order(cfg: TrainConfig) -> None:
     segments = segments_of(cfg.out)
     if not segments or "order" not in segments[-1]:
         return
-    changes = changed_order(segments[-1]["order"], order_of(cfg))
+    changes = changed_order(segments[-1]["order"], order or order_of(cfg))
     if changes:
         raise ConfigError(resume_refusal(Path(cfg.out) / "config.json", changes))
 
@@ -192,27 +194,25 @@ def resume_refusal(where: os.PathLike | str, changes: list[str]) -> str:
     )
 
 
-def new_segment(cfg: TrainConfig, start: int, plan: dict, world: int) -> dict:
+def new_segment(cfg: TrainConfig, start: int, plan: dict, world: int, order: dict) -> dict:
     """config.json's record of one launch: from which step, with which settings."""
     return {
         "start_step": start,
         "steps": cfg.steps,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "order": order_of(cfg),
+        "order": order,
         "world": world,
         "plan": plan,
         "config": with_absolute_paths(cfg).to_recipe(),
     }
 
 
-def record_json(cfg: TrainConfig, plan: dict, world: int, start: int, out: Path) -> str:
+def record_json(
+    cfg: TrainConfig, plan: dict, world: int, start: int, out: Path, order: dict
+) -> str:
     """config.json after this launch: the run's current config, plan and world, and every
     segment so far (earlier segments a resumed run redid from `start` on are kept: they
     happened, and their logs of steps >= start were dropped)."""
-    from entrain.config import RunRecord
-
     segments = segments_of(out) if start > 0 else []
-    segments.append(new_segment(cfg, start, plan, world))
-    body = json.loads(RunRecord(with_absolute_paths(cfg), plan, world).to_json())
-    body["segments"] = segments
-    return json.dumps(body, indent=2) + "\n"
+    segments.append(new_segment(cfg, start, plan, world, order))
+    return RunRecord(with_absolute_paths(cfg), plan, world, segments).to_json()

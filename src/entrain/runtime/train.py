@@ -105,8 +105,18 @@ class PlanAhead:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, placement: Placement):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        rank: int,
+        world: int,
+        placement: Placement,
+        order: dict | None = None,
+    ):
         self.cfg, self.rank, self.world = cfg, rank, world
+        # what decides each step's samples (runtime/rundir.py); it hashes the manifest, so
+        # once per run, not at every checkpoint
+        self.order = order_of(cfg) if order is None else order
         self.placement, self.device = placement, placement.device
         self.source = source_of(cfg)
         self.spec = self.source.spec
@@ -431,7 +441,7 @@ class Trainer:
 
     def _layout(self) -> dict:
         """What a checkpoint must match to be resumed here."""
-        order = {k: v for k, v in order_of(self.cfg).items() if k != "data"}  # by content
+        order = {k: v for k, v in self.order.items() if k != "data"}  # by content
         return {
             "model": self.spec.name,
             "world": self.world,
@@ -633,18 +643,19 @@ def _run(
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.pin_cores:
         pin_to_core(rank)
+    order = order_of(cfg)
     if rank == 0:
         if cfg.overwrite and not restarted:
             clear_run(cfg)
-        check_resume_order(cfg)
-    trainer = Trainer(cfg, rank, world, placement)
+        check_resume_order(cfg, order)
+    trainer = Trainer(cfg, rank, world, placement, order)
     out = Path(cfg.out) if cfg.out else None
     start = trainer.resume()
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         # what replay (`entrain runs --simulate`), report and export read back, typed; written
         # once the checkpoint is accepted, with this launch as the run's newest segment
-        record = record_json(trainer.cfg, trainer.plan.to_dict(), world, start, out)
+        record = record_json(trainer.cfg, trainer.plan.to_dict(), world, start, out, trainer.order)
         (out / "config.json").write_text(record, encoding="utf-8")
         for log in ("metrics.jsonl", "samples.jsonl"):  # steps past the checkpoint are redone
             _keep_steps_before(out / log, start)
