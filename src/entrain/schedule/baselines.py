@@ -7,6 +7,7 @@ import numpy as np
 from entrain.cost.batch import CostedBatch
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.packing import (
+    largest_first,
     lpt,
     lpt_groups,
     normalized,
@@ -55,8 +56,9 @@ def encoder_balanced(batch: CostedBatch, dp: int, microbatches: int) -> Assignme
 def joint_bins(batch: CostedBatch, dp: int, microbatches: int) -> np.ndarray:
     """Flat bins of the coupled vector-balanced assignment (shared with Entrain's fallback)."""
     vecs = normalized(batch.cost_matrix())
-    rep = vector_greedy(vecs, dp)
-    mb = vector_greedy_groups(vecs, rep, dp, microbatches)
+    order = largest_first(vecs)  # both packings place the samples in this order
+    rep = vector_greedy(vecs, dp, order)
+    mb = vector_greedy_groups(vecs, rep, dp, microbatches, order)
     return rep * microbatches + mb
 
 

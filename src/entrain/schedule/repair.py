@@ -57,7 +57,7 @@ def repair(
     for _ in range(steps):
         hi = int(excess.argmax())
         top = excess[hi]
-        if top <= stop or not state.members(hi):
+        if top <= stop or len(state.members(hi)) == 0:
             break
         members, cm, em, dm, _ = state.sample_of(hi)
         best, action = _best_move(
@@ -84,6 +84,10 @@ class _State:
     A bin's list is built before any move touches the bin, so from the units q puts in it
     then, in unit order. With `D` (units in microbatch order) the first few lists are read
     off their microbatch's stretch of q; once more are needed, all units are sorted by bin.
+    The lists are arrays, replaced (never changed in place) when a move takes a unit out
+    (the others keep their order) or puts one in (at the end), as a Python list's remove
+    and append would: a video's bins hold a thousand units or more, and converting them
+    to Python lists and back cost more than the rest of a step.
     """
 
     LAZY = 48  # lists read off a stretch of q before all units are sorted by bin
@@ -109,26 +113,27 @@ class _State:
             self.stretch = np.searchsorted(q, np.arange(0, B + 1, D)).tolist()
         self.order: np.ndarray | None = None  # all units by bin, once sorted
         self.start: np.ndarray | None = None  # where each bin's units start in `order`
-        self.lists: dict[int, list[int]] = {}
+        self.lists: dict[int, np.ndarray] = {}
         self.samples: dict[int, tuple] = {}
         # padding for samples (at most `sample` spread units plus the smallest and largest):
         # units of cost +inf whose window ends before microbatch 0
         self.pad = np.tile(np.array([[np.inf], [0.0], [-1.0]]), sample + 2)
 
-    def members(self, b: int) -> list[int]:
+    def members(self, b: int) -> np.ndarray:
+        """Bin b's units (an array not to be changed)."""
         m = self.lists.get(b)
         if m is not None:
             return m
         if self.D and len(self.lists) < self.LAZY:
             lo, hi = self.stretch[b // self.D], self.stretch[b // self.D + 1]
-            m = (np.flatnonzero(self.q[lo:hi] == b) + lo).tolist()
+            m = np.flatnonzero(self.q[lo:hi] == b) + lo
         else:
             if self.order is None:
                 B = self.target.shape[0]
                 key = self.q.astype(np.int16) if B < 2**15 else self.q  # a radix sort
                 self.order = np.argsort(key, kind="stable")
                 self.start = np.searchsorted(self.q[self.order], np.arange(B + 1))
-            m = self.order[self.start[b] : self.start[b + 1]].tolist()
+            m = self.order[self.start[b] : self.start[b + 1]]
         self.lists[b] = m
         return m
 
@@ -138,13 +143,15 @@ class _State:
         smallest and largest unit."""
         s = self.samples.get(b)
         if s is None:
-            lst = self.members(b)
-            m = np.asarray(lst, dtype=np.int64)
+            m = self.members(b)
             if m.size > self.k:
                 cm = self.c[m]
-                pick = set(lst[:: m.size // self.k + 1])
-                pick.update((lst[int(cm.argmin())], lst[int(cm.argmax())]))
-                m = np.asarray(sorted(pick), dtype=np.int64)
+                # the spread, the smallest and the largest unit: each once, in unit order
+                # (np.unique, for a few dozen units, costs more than the rest of the step)
+                m = np.sort(
+                    np.concatenate([m[:: m.size // self.k + 1], m[[cm.argmin(), cm.argmax()]]])
+                )
+                m = m[np.concatenate([[True], m[1:] != m[:-1]])]
             cm, em, dm = self.c[m], self.earliest[m], self.deadline[m]
             s = self.samples[b] = (m, cm, em, dm, np.array([cm, em, dm], dtype=np.float64))
         return s
@@ -157,8 +164,8 @@ class _State:
             self.excess[b] = self.load[b] - self.target[b]
         leave, enter = self.members(src), self.members(dst)  # (listed before q changes)
         self.q[u] = dst
-        leave.remove(u)
-        enter.append(u)
+        self.lists[src] = leave[leave != u]
+        self.lists[dst] = np.append(enter, u)
         self.samples.pop(src, None)
         self.samples.pop(dst, None)
 
@@ -214,10 +221,10 @@ def _lowest(excess: np.ndarray, lo: int, end: int, hi: int, k: int) -> list[int]
         if lo <= hi < end:
             seg[hi - lo] = np.inf
         part = np.argpartition(seg, k)[: k + 1]
-        vals = seg[part]
-        by = np.argsort(vals)
-        if (np.diff(vals[by]) > 0).all():  # distinct: the order is unique
-            return (part[by[:k]] + lo).tolist()
+        # (k + 1 values: sorted as Python floats, faster than numpy calls on tiny arrays)
+        least = sorted(zip(seg[part].tolist(), part.tolist()))
+        if all(a[0] < b[0] for a, b in zip(least, least[1:])):  # distinct: a unique order
+            return [j + lo for _, j in least[:k]]
     bins = np.arange(lo, end)
     reachable = bins[bins != hi]
     return reachable[np.argsort(excess[reachable])[:k]].tolist()
