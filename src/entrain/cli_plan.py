@@ -75,12 +75,14 @@ def train_flags(plan, memory=None, policy: str = "entrain") -> str | None:
     copies = ",".join(f"{e}={n}" for e, n in plan.encoder_dp.items() if n > 1)
     if copies:
         flags.append(f"--encoder-copies {copies}")
-    if policy != "entrain":  # lookahead and pool are Entrain's
+    if policy != "entrain":  # lookahead, pool and order are Entrain's
         return " ".join([*flags, f"--policy {policy}"])
     ahead = plan.encoder_lookahead
     flags.append(f"--lookahead {'unlimited' if ahead is None else ahead}")
     if plan.encoder_pool is not None:
         flags.append(f"--pool {plan.encoder_pool}")
+    if plan.encoder_order != "light-first":
+        flags.append(f"--microbatch-order {plan.encoder_order}")
     return " ".join(flags)
 
 

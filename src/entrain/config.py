@@ -31,9 +31,11 @@ from typing import Any
 
 import yaml
 
+from entrain.cost.emulated import absolute, is_emulated
 from entrain.cost.flops import CostModel
+from entrain.cost.hardware import HARDWARE
 from entrain.models.spec import ModelSpec
-from entrain.schedule import POLICIES
+from entrain.schedule import ORDERS, POLICIES
 from entrain.schedule.steps import StepRecipe
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -144,7 +146,14 @@ class ParallelConfig:
     every encoder microbatch, split by cost."""
     device: str = "auto"
     """Where ranks compute: cuda, cpu, or auto (a GPU per process when the node has one for
-    every process, else the CPU)."""
+    every process, else the CPU); or emulate[:h100|a100|h200|PROFILE.json] (default h100):
+    no model, each forward and backward sleeps the time the simulator gives it on that
+    device, messages keep the protocol with small payloads, and a sizes-only manifest is
+    enough."""
+    time_scale: float = 4.0
+    """With --device emulate: emulated seconds = simulated seconds x this. Above 1 it slows
+    the run down so that the runtime's own costs on a small machine (many ranks sharing few
+    cores) stay small against the sleeps; 4 makes an omni-7b step on 16 ranks about 3 s."""
     timeout_s: float = field(default=300.0, metadata=opt("--timeout", "timeout"))
     """Seconds a rank waits for a message before it fails naming what it waited for."""
     pin_cores: bool = False
@@ -152,8 +161,14 @@ class ParallelConfig:
 
     def check_parallel(self) -> None:
         _at_least(self, 1, "dp", "pp", "microbatches")
-        if self.device not in DEVICES:
-            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device not in DEVICES and not is_emulated(self.device):
+            raise ConfigError(
+                f"--device must be one of {', '.join(DEVICES)} or emulate[:"
+                f"{'|'.join(HARDWARE)}|PROFILE.json], got {self.device!r}"
+            )
+        _finite("time_scale", self.time_scale)
+        if self.time_scale <= 0:
+            raise ConfigError(f"--time-scale must be > 0, got {self.time_scale}")
         _finite("timeout", self.timeout_s)
         if self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
@@ -172,6 +187,10 @@ class ScheduleConfig:
     profile, the depth the simulator finds fastest on the first batches; without, 1)."""
     pool: int | None = None
     """Entrain: replicas whose encoders share units (default: all)."""
+    microbatch_order: str = "light-first"
+    """Entrain: light-first (the LLM bounds the pipeline), heavy-first (a frozen encoder
+    does), balanced (LLM packed as data-parallel trainers do, only encoders rebalanced) or
+    encoder-first / joint (packed as those baselines pack); `entrain plan` picks one."""
     max_deferred_tokens: int | None = None
     """Entrain: most embedding tokens an LLM replica may hold for later microbatches."""
     profile: str | None = None
@@ -190,6 +209,11 @@ class ScheduleConfig:
             )
         _at_least(self, 1, "pool")
         _at_least(self, 0, "max_deferred_tokens")
+        if self.microbatch_order not in ORDERS:
+            raise ConfigError(
+                f"--microbatch-order must be one of {', '.join(ORDERS)}, "
+                f"got {self.microbatch_order!r}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -384,6 +408,7 @@ class TrainConfig(
             shuffle=self.shuffle,
             lookahead=self.lookahead,
             pool=self.pool,
+            order=self.microbatch_order,
             max_deferred_tokens=self.max_deferred_tokens,
             cost_model=cost_model,
         )
@@ -706,6 +731,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
         value = getattr(cfg, name)
         if value and os.path.exists(value):
             changes[name] = os.path.abspath(value)
+    if absolute(cfg.device) != cfg.device:  # --device emulate:PROFILE.json
+        changes["device"] = absolute(cfg.device)
     return dataclasses.replace(cfg, **changes)
 
 

@@ -43,7 +43,7 @@ from entrain.cost.flops import CostModel
 from entrain.cost.profile import load_profile
 from entrain.models.load import load_spec
 from entrain.models.spec import ModelSpec
-from entrain.schedule import POLICIES
+from entrain.schedule import POLICIES, check_order
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.steps import StepBatch, StepRecipe
 from entrain.workload.columnar import Workload
@@ -109,6 +109,7 @@ def _check_args(
     lookahead: int | None,
     pool: int | None,
     max_deferred_tokens: int | None,
+    order: str = "light-first",
 ) -> None:
     """Raise a ValueError a user can act on for every argument that cannot work."""
     if policy not in POLICIES:
@@ -138,6 +139,7 @@ def _check_args(
         raise ValueError(
             f"max_deferred_tokens must be >= 0 (or None: no cap), got {max_deferred_tokens}"
         )
+    check_order(order)
 
 
 def _unit_locations(
@@ -198,6 +200,7 @@ class EntrainBatchSampler(Sampler[list[int]]):
         lookahead: int | None = None,
         pool: int | None = None,
         max_deferred_tokens: int | None = None,
+        order: str = "light-first",
         profile: str | os.PathLike | None = None,
         decoupled: bool = False,
         epoch: int = 0,
@@ -206,10 +209,10 @@ class EntrainBatchSampler(Sampler[list[int]]):
         units and their costs. `dp_rank`/`dp_size` default to torch.distributed's rank and
         world size when a process group is initialized (else 0 and 1); pass them when data
         parallelism is not the whole world (tensor or pipeline parallel groups). `lookahead`,
-        `pool` and `max_deferred_tokens` are the Entrain policy's knobs (`assign`); pass the
-        values `entrain train` uses to reproduce its assignment (its default lookahead, "auto",
-        is 1 without a profile). `profile` is a measured
-        profile (`entrain profile`): balance measured seconds instead of FLOPs."""
+        `pool`, `max_deferred_tokens` and `order` are the Entrain policy's knobs (`assign`);
+        pass the values `entrain train` uses to reproduce its assignment (its default
+        lookahead, "auto", is 1 without a profile). `profile` is a measured profile
+        (`entrain profile`): balance measured seconds instead of FLOPs."""
         dp_rank, dp_size = _default_dp(dp_rank, dp_size)
         _check_args(
             global_batch,
@@ -220,6 +223,7 @@ class EntrainBatchSampler(Sampler[list[int]]):
             lookahead,
             pool,
             max_deferred_tokens,
+            order,
         )
         self.workload = (
             manifest_or_workload
@@ -249,6 +253,7 @@ class EntrainBatchSampler(Sampler[list[int]]):
             pool,
             max_deferred_tokens,
             cost_model,
+            order,
         )
         self.decoupled = decoupled
         self.epoch = epoch

@@ -49,16 +49,22 @@ class PlannerConfig:
     pp_options: tuple[int, ...] = tuple(range(1, 17))
     """LLM pipeline stages; layers are split as evenly as the count allows (Megatron's
     uneven split), so any count is a candidate."""
-    entrain_variants: tuple[tuple[int | None, int | None], ...] = (
-        (None, None),
-        (1, None),
-        (0, None),
-        (1, 1),
-        (0, 1),
+    entrain_variants: tuple[tuple[int | None, int | None, str], ...] = (
+        (None, None, "light-first"),
+        (1, None, "light-first"),
+        (0, None, "light-first"),
+        (1, 1, "light-first"),
+        (0, 1, "light-first"),
+        (1, None, "heavy-first"),
+        (0, None, "heavy-first"),
+        (0, None, "balanced"),
+        (0, 1, "encoder-first"),
+        (0, 1, "joint"),
     )
-    """(deferral depth, replicas pooled) tried with each shortlisted plan when the policy is
-    entrain; None is unlimited."""
-    shortlist: int = 6
+    """(deferral depth, replicas pooled, microbatch order) tried with each shortlisted plan
+    when the policy is entrain; None is unlimited. Which order wins depends on which
+    module bounds the plan's pipeline (schedule/hierarchical.py, step 5)."""
+    shortlist: int = 12
     """Plans simulated after ranking by the closed-form estimate."""
     search_budget: float = 180.0
     """Rough seconds (see `search_seconds`) the simulations may take; a search estimated
@@ -234,15 +240,17 @@ SIM_S_PER_STAGE_MICROBATCH = 11e-6
 @dataclass
 class _Choice:
     """Plans to simulate: the shortlist (candidates for the static plan), the oracle's extra
-    candidates, and the (deferral depth, pool) variants each is tried with (None: as it is,
-    for policies other than Entrain)."""
+    candidates, and the (deferral depth, pool, order) variants each is tried with (None: as
+    it is, for policies other than Entrain)."""
 
     static: list[ParallelPlan]
     extra: list[ParallelPlan]
-    variants: tuple[tuple[int | None, int | None], ...] | None
+    variants: tuple[tuple[int | None, int | None, str], ...] | None
+    fits: Callable[[ParallelPlan], bool] = lambda plan: True
+    """Whether a variant fits in memory (a deeper deferral keeps more encoder activations)."""
 
     def plans(self) -> list[ParallelPlan]:
-        """Shortlist first, then the extras, each with its variants; no plan twice."""
+        """Shortlist first, then the extras, each with its variants that fit; no plan twice."""
         base = {p.describe(): p for p in self.static}
         for p in self.extra:
             base.setdefault(p.describe(), p)
@@ -253,11 +261,21 @@ class _Choice:
                 q.describe(): q
                 for p in base.values()
                 for q in (
-                    dataclasses.replace(p, encoder_lookahead=a, encoder_pool=g)
-                    for a, g in self.variants
+                    dataclasses.replace(p, encoder_lookahead=a, encoder_pool=g, encoder_order=o)
+                    for a, g, o in self.variants
                 )
+                if self.fits(q)
             }.values()
         )
+
+    def cut(self, static: list[ParallelPlan], variants=None) -> _Choice:
+        """The same search with only `static` (no extras) and, if given, fewer variants."""
+        return _Choice(static, [], self.variants if variants is None else variants, self.fits)
+
+    @property
+    def n_static(self) -> int:
+        """How many of `plans()` come from the shortlist (candidates for the static plan)."""
+        return len(self.cut(self.static).plans())
 
 
 @dataclass
@@ -338,7 +356,11 @@ class Planner:
     def assignment(self, i: int, plan: ParallelPlan, policy: str) -> Assignment:
         """Batch i's assignment under `plan` and `policy`, as the run's step recipe makes it
         (Entrain with the plan's lookahead and pool)."""
-        knobs = (plan.encoder_lookahead, plan.encoder_pool) if policy == "entrain" else (None, None)
+        knobs = (
+            (plan.encoder_lookahead, plan.encoder_pool, plan.encoder_order)
+            if policy == "entrain"
+            else (None, None, "light-first")
+        )
         key = (i, plan.dp, plan.microbatches, policy, *knobs)
         if key not in self._assignments:
             recipe = StepRecipe(
@@ -349,6 +371,7 @@ class Planner:
                 policy,
                 lookahead=knobs[0],
                 pool=knobs[1],
+                order=knobs[2],
             )
             self._assignments[key] = recipe.assign(self.batches[i])
         return self._assignments[key]
@@ -358,10 +381,14 @@ class Planner:
         asg = self.assignment(i, plan, policy)
         return self._simulate(self.batches[i], asg, self.spec, plan, self.hw, record_events)
 
-    def feasible(self, plans: list[ParallelPlan]) -> list[ParallelPlan]:
+    def feasible(
+        self, plans: list[ParallelPlan], lookahead: int | None | str = "plan"
+    ) -> list[ParallelPlan]:
         """Plans whose every GPU fits in memory on the heaviest sampled batch, for
         microbatches as large as a balanced assignment makes them: the mean, or the largest
-        indivisible piece (a sample for the LLM, a unit for an encoder), plus 10%."""
+        indivisible piece (a sample for the LLM, a unit for an encoder), plus 10%. Encoder
+        activations in flight follow the deferral depth: `lookahead`, or by default the
+        plan's own for Entrain and none for the policies that never defer."""
         out = []
         worst = max(self.batches, key=lambda b: float(b.llm_tokens.sum()))
         tokens = {"llm": worst.llm_tokens, **{e: u.tokens for e, u in worst.units.items()}}
@@ -370,7 +397,10 @@ class Planner:
             per_mb = {
                 m: 1.1 * max(float(t.sum()) / B, float(t.max(initial=0))) for m, t in tokens.items()
             }
-            settings = dataclasses.replace(self.cfg.memory, lookahead=plan.encoder_lookahead)
+            ahead = lookahead
+            if ahead == "plan":
+                ahead = plan.encoder_lookahead if self.cfg.policy == "entrain" else 0
+            settings = dataclasses.replace(self.cfg.memory, lookahead=ahead)
             mem = plan_memory(self.spec, plan, per_mb, settings=settings)
             if max(mem.values()) <= self.hw.memory_bytes * self.cfg.memory_headroom:
                 out.append(plan)
@@ -386,7 +416,11 @@ class Planner:
                 f"no plan uses exactly {cfg.gpus} GPUs: {self.spec.name} needs at least "
                 f"{len(self.spec.encoders) + 1} per replica (one per encoder and the LLM)"
             )
-        plans = self.feasible(candidates)
+        variants = cfg.entrain_variants if cfg.policy == "entrain" else None
+        # a layout is a candidate when its least deferring variant fits; each variant is
+        # then checked with its own depth (see _Choice.fits)
+        least = min((a for a, _, _ in variants if a is not None), default=None) if variants else 0
+        plans = self.feasible(candidates, lookahead=least)
         if not plans:
             raise ValueError(
                 f"no plan for {cfg.gpus} GPUs fits {self.hw.name} memory "
@@ -400,17 +434,14 @@ class Planner:
             work = _module_totals(b)
             for p in sorted(plans, key=lambda p: self.estimate(p, work))[:2]:
                 extra.setdefault(p.describe(), p)
-        variants = cfg.entrain_variants if cfg.policy == "entrain" else None
-        whole = _Choice(scored[: cfg.shortlist], list(extra.values()), variants)
-        # as many candidates for the static plan as the whole search has (a shortlist longer
-        # than the feasible plans lets the oracle's extras in: kept as it always was)
-        n_static = cfg.shortlist * (len(variants) if variants else 1)
+        fits = (lambda p: bool(self.feasible([p]))) if variants else (lambda p: True)
+        whole = _Choice(scored[: cfg.shortlist], list(extra.values()), variants, fits)
         choice, narrowed = whole, None
         whole_s = self.search_seconds(whole.plans())
         if whole_s > cfg.search_budget:
             choice = self._narrowed(whole)
-            n_static = len(choice.static) * (len(choice.variants) if choice.variants else 1)
             narrowed = self._say_narrowed(whole, choice, whole_s)
+        n_static = choice.n_static
         chosen = choice.plans()
         return Search(
             layouts=len(candidates),
@@ -427,7 +458,7 @@ class Planner:
         kept = f"the {len(choice.static)} best-ranked plan(s) by the closed-form estimate"
         if choice.variants and len(choice.variants) < len(whole.variants or ()):
             kept += f", with {len(choice.variants)} of {len(whole.variants)} Entrain variants"
-        if len(whole.plans()) > len(_Choice(whole.static, [], whole.variants).plans()):
+        if len(whole.plans()) > len(whole.cut(whole.static).plans()):
             kept += ", no extra plans for the oracle"
         said = (
             f"--gpus {self.cfg.gpus}: the whole search ({len(whole.plans())} plans on "
@@ -453,10 +484,10 @@ class Planner:
         candidates, then fewer shortlisted plans, then fewer Entrain variants (at least the
         best-ranked plan with the first variant)."""
         static, variants = whole.static, whole.variants
-        tries = [_Choice(static[:k], [], variants) for k in range(len(static), 0, -1)]
+        tries = [whole.cut(static[:k]) for k in range(len(static), 0, -1)]
         if variants:
             fewer = range(len(variants) - 1, 0, -1)
-            tries += [_Choice(static[:1], [], variants[:v]) for v in fewer]
+            tries += [whole.cut(static[:1], variants[:v]) for v in fewer]
         for c in tries:
             if self.search_seconds(c.plans()) <= self.cfg.search_budget:
                 return c
@@ -465,7 +496,10 @@ class Planner:
     def search_seconds(self, plans: list[ParallelPlan]) -> float:
         """Rough seconds to simulate `plans` on every batch with the planner's policy: an
         assignment per (batch, replicas, microbatches, variant), a simulation per plan."""
-        keys = {(p.dp, p.microbatches, p.encoder_lookahead, p.encoder_pool) for p in plans}
+        keys = {
+            (p.dp, p.microbatches, p.encoder_lookahead, p.encoder_pool, p.encoder_order)
+            for p in plans
+        }
         n = sum(b.n_samples for b in self.batches)
         t = sum(n * (ASSIGN_S_PER_SAMPLE + dp * ASSIGN_S_PER_SAMPLE_REPLICA) for dp, *_ in keys)
         for p in plans:

@@ -13,7 +13,13 @@ from entrain.schedule.baselines import (
     llm_balanced,
     sequential,
 )
-from entrain.schedule.hierarchical import EntrainConfig, check_max_deferred_tokens, entrain
+from entrain.schedule.hierarchical import (
+    ORDERS,
+    EntrainConfig,
+    check_max_deferred_tokens,
+    check_order,
+    entrain,
+)
 from entrain.schedule.metrics import BatchMetrics, evaluate, lower_bound, mean_metrics, work
 
 Policy = Callable[[CostedBatch, int, int], Assignment]
@@ -50,12 +56,14 @@ def assign(
     lookahead: int | None = None,
     pool: int | None = None,
     max_deferred_tokens: int | None = None,
+    order: str = "light-first",
 ) -> Assignment:
     """Run a policy by name; checks the arguments a user can get wrong. `lookahead` limits
     how far ahead Entrain may encode a unit, `pool` how many replicas share encoders and
     `max_deferred_tokens` how many embedding tokens an LLM replica may hold for later
-    microbatches (the other policies ignore all three: they encode every unit in its
-    sample's own microbatch, so they never defer)."""
+    microbatches, `order` how Entrain orders and packs microbatches (hierarchical.ORDERS;
+    the other policies ignore all four: they encode every unit in its sample's own
+    microbatch, so they never defer)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     if dp < 1 or microbatches < 1:
@@ -63,16 +71,18 @@ def assign(
             f"dp and microbatches must be >= 1, got dp={dp}, microbatches={microbatches}"
         )
     check_max_deferred_tokens(max_deferred_tokens)
-    if policy == "entrain" and (
-        lookahead is not None or pool is not None or max_deferred_tokens is not None
-    ):
-        cfg = EntrainConfig(lookahead=lookahead, pool=pool, max_deferred_tokens=max_deferred_tokens)
+    check_order(order)
+    if policy == "entrain":
+        cfg = EntrainConfig(
+            lookahead=lookahead, pool=pool, max_deferred_tokens=max_deferred_tokens, order=order
+        )
         return entrain(batch, dp, microbatches, cfg)
     return POLICIES[policy](batch, dp, microbatches)
 
 
 __all__ = [
     "BASELINES",
+    "ORDERS",
     "POLICIES",
     "replica_pool",
     "Assignment",
@@ -80,6 +90,7 @@ __all__ = [
     "EntrainConfig",
     "Policy",
     "assign",
+    "check_order",
     "entrain",
     "evaluate",
     "lower_bound",

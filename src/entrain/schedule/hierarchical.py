@@ -16,10 +16,22 @@ microbatch, only no later (docs/design.md section 2). The policy:
    their mean work flows without bubbles when every stage's work per microbatch rises and
    falls together, and is only hurt where they disagree.
 4. Guarantee: the result is compared with the coupled `joint` assignment; per module, it is
-   never allowed a larger maximum microbatch. Where the proportional targets would exceed
+   never allowed a larger maximum microbatch (the "balanced" order of step 5 is held to
+   encoder-rebalance instead). Where the proportional targets would exceed
    it, flat targets are tried, then joint's own LLM packing, under which a coupled
    placement of each encoder always meets the bound.
-5. Memory: with `EntrainConfig.max_deferred_tokens`, an assignment whose LLM replicas would
+5. Order: `EntrainConfig.order` picks what step 2 sorts by, a knob the planner tries per plan:
+   light-first (above) suits a pipeline the LLM bounds; "heavy-first" one that a frozen
+   encoder bounds (its forward-only stage runs ahead, and what is left after its last
+   microbatch is the LLM work of the last ones, so they had better be light); "balanced"
+   packs the LLM as data-parallel trainers do (replicas, then microbatches, by LPT), keeps
+   that order and rebalances only the encoders, never above encoder-rebalance's maximum
+   per encoder: what a deep LLM pipeline with evenly filled microbatches wants.
+   "encoder-first" does the same from encoder-balanced's packing (by the heaviest
+   encoder's work), for a plan that a trained encoder bounds and that has no LLM pipeline
+   to absorb an uneven encoder (with pool 1 and lookahead 0 it is encoder-balanced itself);
+   "joint" likewise from the joint baseline's packing.
+6. Memory: with `EntrainConfig.max_deferred_tokens`, an assignment whose LLM replicas would
    hold more embedding tokens than the cap is recomputed with a shorter lookahead, down to
    0, where every unit is encoded in its sample's own microbatch and nothing is held.
 """
@@ -32,7 +44,7 @@ import numpy as np
 
 from entrain.cost.batch import CostedBatch
 from entrain.schedule.assignment import Assignment
-from entrain.schedule.baselines import joint_bins
+from entrain.schedule.baselines import encoder_balanced, encoder_rebalance, joint, joint_bins
 from entrain.schedule.metrics import deferred_tokens
 from entrain.schedule.packing import Ranks, cost_ranks, lpt, place_bins, split_bins
 
@@ -60,6 +72,9 @@ class EntrainConfig:
     smooth: float = 0.02
     """Microbatches run in ascending order of LLM work, in steps of this fraction of a mean
     microbatch; within a step, in the order that suits encoder deadlines."""
+    order: str = "light-first"
+    """How each replica's microbatches are ordered and packed (step 5 of the module
+    docstring): one of ORDERS."""
     fine: float = 0.01
     """Units smaller than this fraction of a bin are placed by a cut instead of by LPT."""
     repair_steps: int | None = None
@@ -71,6 +86,17 @@ class EntrainConfig:
     pipeline already holds; the cap bounds that memory. An assignment over the cap is
     recomputed with a shorter `lookahead`, down to 0, which holds nothing; so a cap costs
     balance only in the iterations where it binds."""
+
+
+ORDERS = ("light-first", "heavy-first", "balanced", "encoder-first", "joint")
+PACKED_AS = {"balanced": encoder_rebalance, "encoder-first": encoder_balanced, "joint": joint}
+"""Orders that keep a baseline's LLM packing and order and rebalance only encoder units."""
+
+
+def check_order(order: str) -> None:
+    """Raise ValueError unless `order` is one of ORDERS."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {order!r}")
 
 
 def check_max_deferred_tokens(cap: int | None) -> None:
@@ -99,6 +125,7 @@ def _order_slots(
     M: int,
     margin: float,
     smooth: float,
+    heavy_first: bool = False,
 ) -> np.ndarray:
     """Microbatch index of each bin within its replica.
 
@@ -111,13 +138,13 @@ def _order_slots(
     greedily, microbatch by microbatch and replica by replica (encoders are pooled across
     replicas), to keep every encoder's running overdraft inside [-margin, 0], in bins of
     mean work; a swap search then repairs what the greedy left for the end.
-    `demand` is (encoders, bins).
+    `demand` is (encoders, bins). With `heavy_first`, LLM work descends instead.
     """
     B = bin_rep.shape[0]
     slot = np.zeros(B, dtype=np.int64)
     total = demand.sum(axis=1, keepdims=True)
     if demand.shape[0] == 0 or not total.any():
-        order = np.lexsort((llm_load, bin_rep))
+        order = np.lexsort((-llm_load if heavy_first else llm_load, bin_rep))
         slot[order] = np.tile(np.arange(M), dp)
         return slot
     llm_share = llm_load / llm_load.sum() if llm_load.sum() > 0 else np.full(B, 1.0 / B)
@@ -128,6 +155,8 @@ def _order_slots(
     # stage; when neighbours differ in size, each such step waits for its slowest partner.
     mean = max(float(llm_load.mean()), 1e-300)
     level = np.floor(llm_load / (smooth * mean)).astype(np.int64)
+    if heavy_first:
+        level = -level
     left = [np.flatnonzero(bin_rep == r).tolist() for r in range(dp)]
     greedy = _greedy_order if x.shape[0] <= 2 else _greedy_order_numpy
     table = np.array(greedy(left, level.tolist(), x, margin, M), dtype=np.int64).reshape(M, dp).T
@@ -326,10 +355,12 @@ def _try(
     bin_rep: np.ndarray,
     bound: dict[str, float],
     cfg: EntrainConfig,
-    coupled_ok: bool,
+    fallback: str | Assignment | None,
 ) -> Assignment | None:
-    """Entrain with the LLM packed into `bins` (with `bin_rep` their replicas), or None when
-    some module would exceed `bound`."""
+    """Entrain with the LLM packed into `bins` (with `bin_rep` their replicas). An encoder
+    that would exceed `bound` is placed by `fallback` instead: "coupled" (each unit in its
+    sample's microbatch), an assignment that keeps `bins` in their order (its placement),
+    or None (no assignment: return None)."""
     B = dp * M
     llm_load = np.bincount(bins, weights=work.llm, minlength=B)
     demand = np.array(
@@ -338,7 +369,11 @@ def _try(
             for e, u in batch.units.items()
         ]
     ).reshape(len(batch.units), B)
-    slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M, cfg.margin, cfg.smooth)
+    if cfg.order in PACKED_AS:  # keep the baseline's order: r*M + k is slot k
+        slot_of_bin = np.arange(B) % M
+    else:
+        heavy = cfg.order == "heavy-first"
+        slot_of_bin = _order_slots(bin_rep, llm_load, demand, dp, M, cfg.margin, cfg.smooth, heavy)
     s_rep, s_mb = bin_rep[bins], slot_of_bin[bins]
     llm_rm = np.zeros((dp, M))
     llm_rm[bin_rep, slot_of_bin] = llm_load
@@ -356,9 +391,12 @@ def _try(
                 placed = (rep, mb)
                 break
         if placed is None:
-            if not coupled_ok:
+            if fallback is None:
                 return None
-            placed = (s_rep[u.sample], deadline)
+            if isinstance(fallback, Assignment):
+                placed = (fallback.unit_replica[e], fallback.unit_mb[e])
+            else:
+                placed = (s_rep[u.sample], deadline)
         unit_rep[e], unit_mb[e] = placed
     return Assignment(dp, M, s_rep, s_mb, unit_rep, unit_mb)
 
@@ -374,6 +412,7 @@ def entrain(
     each is tried in turn), down to lookahead 0, which defers nothing.
     """
     cfg = config or EntrainConfig()
+    check_order(cfg.order)
     cap = cfg.max_deferred_tokens
     check_max_deferred_tokens(cap)
     work = _Work.of(batch)
@@ -394,18 +433,32 @@ def entrain(
 def _entrain(batch: CostedBatch, work: _Work, dp: int, M: int, cfg: EntrainConfig) -> Assignment:
     """`entrain` without the cap on deferred tokens."""
     B = dp * M
-    jb = joint_bins(batch, dp, M)
     slack = 1 + 1e-9
+    if cfg.order in PACKED_AS:
+        # the LLM as that baseline packs it (encoder-rebalance, encoder-balanced: by the
+        # heaviest encoder's work, joint); no encoder's worst microbatch above its own
+        er = PACKED_AS[cfg.order](batch, dp, M)
+        pooled = cfg.pool is None or cfg.pool >= dp  # else er's moves may leave the pool
+        if pooled:
+            home = {e: er.unit_bin(e) for e in batch.units}
+        else:  # within a pool, the coupled placement on er's packing is what is sure to fit
+            home = {e: er.llm_bin()[u.sample] for e, u in batch.units.items()}
+        bound = {e: _max_work(work.enc[e], home[e], B) * slack for e in batch.units}
+        fallback = er if pooled else "coupled"
+        asg = _try(batch, work, dp, M, er.llm_bin(), np.arange(B) // M, bound, cfg, fallback)
+        assert asg is not None
+        return asg
+    jb = joint_bins(batch, dp, M)
     bound = {e: _max_work(work.enc[e], jb[u.sample], B) * slack for e, u in batch.units.items()}
     bound["llm"] = _max_work(work.llm, jb, B) * slack
     lb = lpt(work.llm, B)
     llm_load = np.bincount(lb, weights=work.llm, minlength=B)
     if llm_load.max(initial=0.0) <= bound["llm"]:
         rep = _deal_to_replicas(llm_load, dp)
-        asg = _try(batch, work, dp, M, lb, rep, bound, cfg, coupled_ok=False)
+        asg = _try(batch, work, dp, M, lb, rep, bound, cfg, None)
         if asg is not None:
             return asg
     # joint's packing: its bins are already r*M + k; a coupled encoder placement meets the bound
-    asg = _try(batch, work, dp, M, jb, np.arange(B) // M, bound, cfg, coupled_ok=True)
+    asg = _try(batch, work, dp, M, jb, np.arange(B) // M, bound, cfg, "coupled")
     assert asg is not None
     return asg

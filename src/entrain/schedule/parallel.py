@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from entrain.schedule.hierarchical import ORDERS
+
 
 @dataclass(kw_only=True)
 class ParallelPlan:
@@ -36,6 +38,10 @@ class ParallelPlan:
     """How many microbatches ahead of the LLM an encoder may encode a unit (Entrain's
     deferral depth; None: unlimited). A schedule knob, but one that sets activation memory
     and pipeline stalls, so the planner chooses it with the degrees."""
+    encoder_order: str = "light-first"
+    """How Entrain orders and packs each replica's microbatches (hierarchical.ORDERS:
+    light-first, heavy-first, balanced, encoder-first, joint): which suits a plan depends
+    on which module bounds its pipeline, so the planner chooses it by simulation too."""
 
     def __post_init__(self) -> None:
         if self.encoder_lookahead is not None and (
@@ -52,6 +58,10 @@ class ParallelPlan:
             or self.encoder_pool < 1
         ):
             raise ValueError(f"plan.encoder_pool must be None or >= 1, got {self.encoder_pool!r}")
+        if self.encoder_order not in ORDERS:
+            raise ValueError(
+                f"plan.encoder_order must be one of {', '.join(ORDERS)}, got {self.encoder_order!r}"
+            )
         for name in ("dp", "llm_pp", "llm_tp", "microbatches"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -104,6 +114,7 @@ class ParallelPlan:
         )
         ahead = "" if self.encoder_lookahead is None else f" ahead={self.encoder_lookahead}"
         ahead += "" if self.encoder_pool is None else f" pool={self.encoder_pool}"
+        ahead += "" if self.encoder_order == "light-first" else f" order={self.encoder_order}"
         return (
             f"dp{self.dp} x [{enc} llm:pp{self.llm_pp}xtp{self.llm_tp}] "
             f"M={self.microbatches}{ahead} ({self.world_size} GPUs)"
@@ -123,6 +134,7 @@ class ParallelPlan:
             "microbatches",
             "encoder_lookahead",
             "encoder_pool",
+            "encoder_order",
         }
         unknown = sorted(set(data) - known)
         if unknown:

@@ -51,6 +51,7 @@ class StepRecipe:
     pool: int | None = None
     max_deferred_tokens: int | None = None
     cost_model: CostModel | None = None
+    order: str = "light-first"
 
     def replace(self, **changes) -> StepRecipe:
         """The same recipe with some fields changed (another policy, layout or cost model)."""
@@ -75,6 +76,7 @@ class StepRecipe:
             self.lookahead,
             self.pool,
             max_deferred_tokens=self.max_deferred_tokens,
+            order=self.order,
         )
 
     def step(self, workload: Workload, step: int) -> StepBatch:
