@@ -29,6 +29,16 @@ demo: $(STAMP)
 	@echo "== measured, and the simulator's replay of the same steps with the profile"
 	$(VENV)/bin/entrain runs $(OUT)/train-sequential $(OUT)/train-entrain --simulate
 	$(VENV)/bin/entrain report $(OUT)/train-entrain -o $(OUT)/report.html
+	@echo "== the same runtime at cluster shape: 16 emulated H100 ranks, omni-7b, no model built"
+	@echo "   (dp 2 x [vision, audio, 6 LLM stages], 1 sample per microbatch; each compute sleeps"
+	@echo "   the simulator's time for it x4, messages and everything else are the real runtime's)"
+	rm -rf $(OUT)/omni $(OUT)/em16-sequential $(OUT)/em16-llm-balanced $(OUT)/em16-entrain
+	$(VENV)/bin/entrain trace generate --kind omni --n 256 -o $(OUT)/omni/manifest.jsonl
+	for p in sequential llm-balanced entrain; do \
+		$(VENV)/bin/entrain train --data $(OUT)/omni/manifest.jsonl --model omni-7b \
+			--device emulate --nproc 16 --dp 2 --pp 6 --global-batch 64 --microbatches 32 \
+			--lookahead 1 --steps 4 --policy $$p --out $(OUT)/em16-$$p || exit 1; done
+	$(VENV)/bin/entrain runs $(OUT)/em16-sequential $(OUT)/em16-llm-balanced $(OUT)/em16-entrain --simulate --warmup 1
 
 test: $(STAMP)
 	$(PY) -m pytest

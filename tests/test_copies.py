@@ -29,7 +29,7 @@ def test_the_runtime_splits_copies_as_the_simulator_does(demo):
     """The runtime's copy of each unit is schedule/copies.py's, for every policy (the
     simulator times the same split: tests/test_sim.py checks the rules by hand)."""
     from entrain.cost import cost_batch
-    from entrain.runtime.iteration import IterationPlan
+    from entrain.program.iteration import IterationPlan
     from entrain.runtime.setup import spec_of
     from entrain.schedule import assign
     from entrain.schedule.copies import unit_copies

@@ -172,7 +172,7 @@ def test_decoupled_units_cover_each_unit_once_and_are_never_late(workload, dp):
 
 def test_decoupled_units_match_the_runtime_plan(workload):
     """The units each rank's encoder gets are those Entrain's runtime would run there."""
-    from entrain.runtime.iteration import IterationPlan
+    from entrain.program.iteration import IterationPlan
     from entrain.runtime.setup import item_locator
 
     samplers = _samplers(workload, 2, microbatches=3, decoupled=True)

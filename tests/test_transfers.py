@@ -1,13 +1,13 @@
 """The p2p order contract under NCCL's rules, without a GPU.
 
 The engine's workers run in threads of one process over an in-memory stand-in for
-torch.distributed that behaves as NCCL does: tags are ignored, and each communicator (a
-process group's pair of ranks) runs its operations in the order each rank issues them, so a
-send completes only with the receive at the head of the peer's queue, and a receive posted
-ahead holds up everything issued after it on that communicator. Every policy, pipeline depth
-and replica count must finish with every transfer made, in order, with the ids the plan says.
-The same harness with one group for both directions of a pair deadlocks: the hazard the
-per-direction groups exist for (runtime/comm.py).
+torch.distributed that behaves as NCCL does at its strictest: tags are ignored, every rank
+has one queue for all its operations, a send completes only with the receive at the head of
+the peer's queue, and a receive posted ahead holds up everything issued after it. Every
+policy, pipeline depth and replica count must finish there with every transfer made, in
+order, with the ids the plan says, because every rank issues its operations in the step
+program's global order (program/order.py). Receives posted early instead deadlock there
+(the negative control).
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from torch import nn
 
 import entrain.runtime.comm as comm
 from entrain.cost.batch import cost_batch
-from entrain.data.sequence import Span
 from entrain.models.load import load_spec
+from entrain.program.iteration import IterationPlan
+from entrain.program.order import Recv, comm_ops, step_program
+from entrain.program.transfers import edges, roles, sends, transfers_of
 from entrain.runtime.comm import Mailbox, OutOfOrder, Transfer, TransferTimeout
+from entrain.runtime.emulate import plan_sample_inputs
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
-from entrain.runtime.iteration import IterationPlan
-from entrain.runtime.setup import SampleInputs, item_locator
-from entrain.runtime.transfers import edges, roles, sends, transfers_of
+from entrain.runtime.setup import item_locator
 from entrain.schedule import POLICIES, assign, replica_pool
 from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.traces import generate_workload
@@ -51,9 +52,14 @@ class _Work:
 
 
 class FakeNCCL:
-    """isend/irecv among threads with NCCL's matching: per communicator, in issue order."""
+    """isend/irecv among threads with NCCL's matching. `strict` (the default): every rank has
+    one queue for all its operations, whatever the group, and only the heads of two ranks'
+    queues can match (one communicator, or CUDA_DEVICE_MAX_CONNECTIONS=1, or a GPU whose
+    queues are full). Not strict: one queue per communicator, as when NCCL progresses
+    several communicators side by side (which it does not promise)."""
 
-    def __init__(self) -> None:
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
         self.lock = threading.Lock()
         self.queues: dict = defaultdict(deque)
         self.local = threading.local()
@@ -67,31 +73,44 @@ class FakeNCCL:
     def irecv(self, t, src, tag=0, group=None):
         return self._issue("recv", t, src, group)
 
+    def _queue(self, rank: int, peer: int, group) -> tuple:
+        return (rank,) if self.strict else (id(group), rank, peer)
+
     def _issue(self, kind: str, t: torch.Tensor, peer: int, group) -> _Work:
         me = self.local.rank
-        key = (id(group), min(me, peer), max(me, peer))
         work = _Work()
         with self.lock:
-            self.queues[(key, me)].append((kind, t, work))
-            self._progress(key)
+            self.queues[self._queue(me, peer, group)].append((kind, t, peer, group, work))
+            self._progress()
         return work
 
-    def _progress(self, key) -> None:
-        _, a, b = key
-        qa, qb = self.queues[(key, a)], self.queues[(key, b)]
-        while qa and qb:
-            (ka, ta, wa), (kb, tb, wb) = qa[0], qb[0]
-            if ka == kb:
-                return  # both sides wait on the other direction first: NCCL hangs here too
-            send, recv = (ta, tb) if ka == "send" else (tb, ta)
-            if send.numel() != recv.numel():
-                wa.error = wb.error = f"size mismatch: sent {send.numel()}, posted {recv.numel()}"
-            else:
-                recv.copy_(send)
-            qa.popleft()
-            qb.popleft()
-            wa.done.set()
-            wb.done.set()
+    def _progress(self) -> None:
+        moved = True
+        while moved:
+            moved = False
+            for key, q in list(self.queues.items()):
+                if not q:
+                    continue
+                kind, t, peer, group, work = q[0]
+                me = key[0] if self.strict else key[1]
+                other = self.queues.get(self._queue(peer, me, group))
+                if not other:
+                    continue
+                okind, ot, opeer, _, owork = other[0]
+                if okind == kind or opeer != me:
+                    continue  # the peer's head is something else: nothing moves here
+                send, recv = (t, ot) if kind == "send" else (ot, t)
+                if send.numel() != recv.numel():
+                    work.error = owork.error = (
+                        f"size mismatch: sent {send.numel()}, posted {recv.numel()}"
+                    )
+                else:
+                    recv.copy_(send)
+                q.popleft()
+                other.popleft()
+                work.done.set()
+                owork.done.set()
+                moved = True
 
 
 def _run_ranks(fake: FakeNCCL, main, n: int) -> None:
@@ -127,19 +146,7 @@ class FakeStage:
         return h.sum() * 1e-3
 
 
-def fake_sample(it: IterationPlan, s: int) -> SampleInputs:
-    """A sample's inputs with one span per item of its units (rows as the plan counts)."""
-    rows: dict[tuple[str, int], int] = {}
-    for e, u in it.prefix[s]:
-        ref = it.units[e][u]
-        rows[ref.modality, ref.item] = rows.get((ref.modality, ref.item), 0) + it.unit_rows[e][u]
-    spans, start = [], 0
-    for (m, item), n in rows.items():
-        spans.append(Span(m, item, start, n))
-        start += n
-    length = it.seq_rows[s]
-    z = torch.zeros(length, dtype=torch.long)
-    return SampleInputs(z, z, torch.arange(length)[None], tuple(spans))
+fake_sample = plan_sample_inputs  # inputs with one span per item, rows as the plan counts
 
 
 def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None, copies=None):
@@ -150,17 +157,30 @@ def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None
     return IterationPlan.build(batch, asg, spec, pp, item_locator(w), copies=copies)
 
 
+def receives_first(ops: list) -> list:
+    """A rank's transfers with every receive posted before any send, each pair's order
+    kept: what posting receives early (as the runtime did before the step program) amounts
+    to on one queue."""
+    comm_only = comm_ops(ops)
+    return [op for op in comm_only if isinstance(op, Recv)] + [
+        op for op in comm_only if not isinstance(op, Recv)
+    ]
+
+
 def run_threads(
     spec,
     it: IterationPlan,
     dp: int,
     pp: int,
-    per_direction: bool = True,
     timeout_s: float = 5,
     block: int | None = None,
     copies: dict[str, int] | None = None,
+    strict: bool = True,
+    order=comm_ops,
 ):
-    """Every rank's worker in a thread over FakeNCCL; the errors raised, by rank."""
+    """Every rank's worker in a thread over FakeNCCL (`strict`: one queue per rank); the
+    errors raised, by rank. `order` turns a rank's step program into what its Mailbox
+    issues."""
     names = [e.name for e in spec.encoders]
     plan = ParallelPlan(
         dp=dp,
@@ -171,10 +191,10 @@ def run_threads(
     )
     layout = roles(plan, names)
     trains = {e.name: not e.frozen for e in spec.encoders}
-    fake = FakeNCCL()
-    shared = object()
+    fake = FakeNCCL(strict)
     block = dp if block is None else block
-    groups = {e: (object() if per_direction else shared) for e in edges(layout, trains, block)}
+    groups = dict.fromkeys(edges(layout, trains, block), object())  # one p2p group, as the runtime
+    program = step_program(it, layout, trains)
     errors: dict[int, BaseException] = {}
     weight = nn.Parameter(torch.tensor(1.0))
 
@@ -183,7 +203,7 @@ def run_threads(
         role = layout[rank]
         mail = Mailbox(datetime.timedelta(seconds=timeout_s), groups=groups)
         try:
-            mail.begin(transfers_of(it, rank, layout, trains))
+            mail.begin(order(program[rank]))
             if role.module != "llm":
                 enc = next(e for e in spec.encoders if e.name == role.module)
                 width = enc.encoder.hidden_size if enc.frozen else spec.llm.hidden_size
@@ -263,11 +283,14 @@ def test_deep_lookahead_keeps_the_order(lookahead):
         assert not run_threads(SPEC, it, 2, 2)
 
 
-def test_one_group_for_both_directions_deadlocks():
-    """What the per-direction groups prevent: the encoder posts a gradient receive while the
-    LLM posts embedding receives; both heads are receives and nothing moves."""
-    it = _plan(SPEC, "entrain", 1, 1, 0)
-    errors = run_threads(SPEC, it, 1, 1, per_direction=False, timeout_s=1)
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_receives_posted_early_deadlock_on_one_queue(policy):
+    """The negative control: the same transfers, each pair's order kept, but every receive
+    posted before the rank's sends (early posting, as the two-queue design did) hang as soon
+    as one queue carries all of a rank's operations: an encoder's gradient receive sits in
+    front of the embeddings the LLM needs to make that gradient."""
+    it = _plan(SPEC, policy, 1, 2, 0)
+    errors = run_threads(SPEC, it, 1, 2, timeout_s=1, order=receives_first)
     assert errors and all(isinstance(e, TransferTimeout) for e in errors.values()), errors
 
 

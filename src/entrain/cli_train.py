@@ -104,11 +104,14 @@ def _check_run_dir(cfg) -> None:
 def _check_inputs(cfg) -> None:
     """The manifest parses and the profile fits the model: what every rank reads first, read
     once here so a mistake is one line in a second, not one per rank after start-up."""
+    from entrain.cost.emulated import emulated_device
     from entrain.runtime.setup import profile_of, spec_of
     from entrain.workload.manifest import read_manifest
 
     read_manifest(cfg.data)
-    profile_of(cfg, spec_of(cfg))
+    spec = spec_of(cfg)
+    profile_of(cfg, spec)
+    emulated_device(cfg.device, spec)  # --device emulate:PROFILE.json: a profile of this model
 
 
 def _check_tensorboard(cfg) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from entrain.cost.batch import CostedBatch
 from entrain.models.spec import ModelSpec
-from entrain.runtime.messages import capacity
+from entrain.program.messages import capacity
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.copies import unit_copies
 

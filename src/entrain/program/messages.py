@@ -1,6 +1,6 @@
 """What a message of an iteration is, as both ends know it before it is sent: its key,
 sender, receiver, ids and exact size. No torch: the plan's transfers are worked out from it
-(runtime/transfers.py) by every rank, and by anything that checks them.
+(program/transfers.py) by every rank, and by anything that checks them.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from entrain.runtime.iteration import IterationPlan
-from entrain.runtime.messages import Transfer
+from entrain.program.iteration import IterationPlan
+from entrain.program.messages import Transfer
 from entrain.schedule.parallel import ParallelPlan
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
 

@@ -1,30 +1,32 @@
 """Point-to-point transfer of variable-shape tensors in an order both sides derive from the
 plan: the order NCCL needs, kept on gloo too so the CPU tests run the protocol the GPUs run.
 
-Every rank derives every transfer of an iteration from the plan (runtime/transfers.py): who
+Every rank derives every transfer of an iteration from the plan (program/transfers.py): who
 sends it to whom, which sample or unit ids it carries, its size in bytes, and, per directed
 pair of ranks, the order the sender sends them in. That order is the contract:
 
 - A sender sends each pair's transfers in exactly that order (a send out of order is a bug
   in the runtime and raises at once, naming both transfers).
-- A receiver posts its receives on a pair in the same order. Taking transfer n posts every
-  earlier one of that pair first (their data is on the way: the sender sent them before n)
-  and keeps them until asked for. NCCL matches sends to receives per pair in issue order,
+- A receiver posts its receives on a pair in the same order and keeps what arrives until
+  asked for. NCCL matches sends to receives per pair in issue order,
   ignoring tags; gloo is given tag 0 everywhere, so it matches the same way and an ordering
   bug shows on CPU as a wrong id list or a size mismatch, not only on a GPU.
 - Every message has exactly its transfer's size (padded up to it): NCCL needs the send and
   the receive to agree on the count.
-- Each direction of a pair gets a process group of its own (`edge_groups`). NCCL runs a
-  communicator's operations in issue order on one stream, so with one group per pair a
-  receive posted ahead would hold up the sends in the other direction (an LLM stage waiting
-  for microbatch 2's embeddings could not send microbatch 0's gradients the encoder needs to
-  get there: a deadlock). With a group per direction a channel carries one way only.
+- A rank issues all its sends and receives in one order, the restriction to it of one
+  global order of the step (program/order.py), on one process group. NCCL runs a
+  communicator's operations one after the other in issue order, so only the head of a
+  rank's queue can progress; in that order the earliest unfinished transfer of the step is
+  at the head of both its ranks' queues, so the step always finishes. (Posting a receive
+  early, ahead of a send the peer waits for, is what deadlocks there; the old design kept
+  a process group per direction of each pair to get around it, which made communicators
+  grow with the replicas squared and still relied on NCCL progressing them side by side.)
 
 A message is bytes: the header's length, the header (ids, then each tensor's shape, as
 int64), one flat payload (float32, or bfloat16 under bf16 training), zero padding.
-Receives are posted early (as soon as the caller knows it will need them), into buffers on
-the compute device, so data moves while both sides compute. A receive that waits longer
-than the timeout raises an error naming what it waited for and from which rank.
+Receives are posted as early as the order allows, into buffers on the compute device, so
+data moves while both sides compute. A receive that waits longer than the timeout raises
+an error naming what it waited for and from which rank.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from entrain.runtime.messages import SLACK_ROWS, Transfer, capacity  # noqa: F401 (re-exported)
+from entrain.program.messages import SLACK_ROWS, Transfer, capacity  # noqa: F401 (re-exported)
 
 
 class CommError(RuntimeError):
@@ -103,42 +105,42 @@ def _unpack(
     return meta, [p.reshape(s).clone() for p, s in zip(parts, shapes)]  # leaves of their own
 
 
-def edge_groups(edges: Iterable[tuple[int, int]]) -> dict[tuple[int, int], object]:
-    """A process group per directed pair (src, dst) that will carry transfers. Every rank
-    must call this with the same edges in the same order (torch.distributed's rule for
-    new_group); the order here is sorted, whatever the caller's."""
-    return {e: dist.new_group(sorted(e)) for e in sorted(set(edges))}
-
-
-def connect(groups: dict[tuple[int, int], object], wire: torch.device) -> None:
-    """One small blocking message along every edge, edges in sorted order on every rank.
-    NCCL creates a group's communicator on its first operation and blocks until the peer
-    creates it too; left to the first real transfers, an encoder creating the gradient
-    channel while the LLM creates the embedding channel would wait on each other forever.
-    In one global order each rank's creations are a subsequence of the same sequence, so
-    none waits in a cycle. On gloo it only moves the connection time out of the first step."""
-    rank = dist.get_rank()
+def p2p_channels(
+    pairs: Iterable[tuple[int, int]], wire: torch.device
+) -> dict[tuple[int, int], object]:
+    """The channels of the step's transfers: one process group of every rank for all of
+    them, mapped from each (src, dst) pair that may carry one (program/transfers.py's
+    `edges`; the Mailbox refuses any other pair). One group, so one communicator per rank on
+    NCCL however many replicas share encoders: the program's global order is what keeps the
+    single queue from deadlocking, not separate channels. Every rank must call this at the
+    same point (torch.distributed's rule for new_group); the all-reduce makes NCCL create
+    the communicator on every rank at once, not at the first transfer."""
+    group = dist.new_group(list(range(dist.get_world_size())))
     token = torch.zeros(1, device=wire)
-    for (src, dst), group in sorted(groups.items()):
-        if rank == src:
-            dist.send(token, dst, group=group)
-        elif rank == dst:
-            dist.recv(token, src, group=group)
+    dist.all_reduce(token, group=group)
+    return dict.fromkeys(sorted(set(pairs)), group)
 
 
 @dataclass
 class Mailbox:
-    """One rank's sends and receives of an iteration, in the plan's per-pair order."""
+    """One rank's sends and receives of a step, issued in the step program's order.
+
+    `begin` takes the rank's communication in the order of one global sequence all ranks
+    derive (program/order.py); every send and receive is issued to torch.distributed in that
+    order and no other: receives as early as the order allows (all those before the next
+    send, as soon as that send is issued), sends when the rank has the data and they are
+    next. So even where all of a rank's operations go through one queue and only its head
+    can progress (NCCL on one communicator), the step cannot deadlock."""
 
     timeout: datetime.timedelta
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """Where the rank computes: received tensors land there."""
     groups: dict = field(default_factory=dict)
-    """(src, dst) -> process group of that direction (missing: the default group)."""
+    """(src, dst) -> the process group that carries it (missing: the default group); with
+    groups given, a transfer on a pair without one is refused (outside the replica pool)."""
     pending: list = field(default_factory=list)
     posted: dict = field(default_factory=dict)
-    _out: dict = field(default_factory=dict)
-    _in: dict = field(default_factory=dict)
+    _queue: deque = field(default_factory=deque)
     _in_by_key: dict = field(default_factory=dict)
     _out_by_key: dict = field(default_factory=dict)
     wire: torch.device | None = None
@@ -149,37 +151,50 @@ class Mailbox:
     def __post_init__(self) -> None:
         self.wire = self.device if self.wire is None else self.wire
 
-    def begin(self, transfers: Iterable[Transfer]) -> None:
-        """Take the iteration's transfers that start or end here, each pair's in the order
-        its sender sends them."""
+    def begin(self, ops: Iterable) -> None:
+        """Take the step's communication of this rank in its order: the program's Send and
+        Recv operations, or plain Transfers (sent when this rank is their sender, received
+        when it is their receiver), in the order given."""
         rank = dist.get_rank()
-        self._out, self._in, self._in_by_key, self._out_by_key = {}, {}, {}, {}
-        for t in transfers:
-            if self.groups and (t.src, t.dst) not in self.groups and rank in (t.src, t.dst):
+        self._queue, self._in_by_key, self._out_by_key = deque(), {}, {}
+        for op in ops:
+            t = getattr(op, "transfer", op)
+            if rank not in (t.src, t.dst):
+                continue
+            if self.groups and (t.src, t.dst) not in self.groups:
                 raise OutOfOrder(
                     f"rank {rank}: no channel from rank {t.src} to rank {t.dst} for {t.what}: "
                     "the assignment sent work outside the replica pool the runtime planned for"
                 )
-            if t.src == rank:
-                self._out.setdefault(t.dst, deque()).append(t)
-                self._out_by_key[t.key] = t
-            elif t.dst == rank:
-                self._in.setdefault(t.src, deque()).append(t)
-                self._in_by_key[t.key] = t
+            sending = t.src == rank
+            (self._out_by_key if sending else self._in_by_key)[t.key] = t
+            self._queue.append((sending, t))
+        self._post_receives()
+
+    def _post_receives(self) -> None:
+        """Post every receive at the head of the order, up to the next send."""
+        while self._queue and not self._queue[0][0]:
+            _, t = self._queue.popleft()
+            buf = torch.empty(t.size, dtype=torch.uint8, device=self.wire)
+            work = dist.irecv(buf, t.src, group=self.groups.get((t.src, t.dst)))
+            self.posted[t.key] = (buf, work, t)
 
     def send(self, key: tuple, tensors: list[torch.Tensor]) -> None:
-        """Send tensors of any shapes as transfer `key` (in the wire's dtype); the next of
-        its pair."""
+        """Send tensors of any shapes as transfer `key` (in the wire's dtype); it must be the
+        next send of this rank's order."""
         t = self._out_by_key.get(key)
         if t is None:
             raise OutOfOrder(f"rank {dist.get_rank()} sends {key}, which the plan does not have")
-        queue = self._out[t.dst]
-        if not queue or queue[0] is not t:
-            due = f"sends {queue[0].key} first" if t in queue else "has sent it already"
+        if not self._queue or self._queue[0][1] is not t:
+            due = (
+                f"sends {self._queue[0][1].key} first"
+                if any(x is t for _, x in self._queue)
+                else "has sent it already"
+            )
             raise OutOfOrder(
                 f"rank {dist.get_rank()} sends {key} to rank {t.dst}, but the plan's order {due}"
             )
-        queue.popleft()
+        self._queue.popleft()
         msg = _pack(tensors, t.ids, t.size, self.device, self.dtype).to(self.wire)
         if msg.numel() > t.size:
             raise TransferTooLarge(
@@ -188,28 +203,25 @@ class Mailbox:
             )
         group = self.groups.get((t.src, t.dst))
         self.pending.append((msg, t, dist.isend(msg, t.dst, group=group)))
+        self._post_receives()
 
     def expect(self, key: tuple) -> None:
-        """Post the receive of transfer `key` (and of every earlier one from its sender) so it
-        can land whenever it is sent."""
-        t = self._in_by_key.get(key)
-        if t is None:
+        """Check that transfer `key` is one this rank receives; the order posts it (as early
+        as it allows), so there is nothing to do early by hand."""
+        if key not in self._in_by_key:
             raise OutOfOrder(f"rank {dist.get_rank()} expects {key}, which the plan does not have")
-        if key in self.posted:
-            return
-        queue = self._in[t.src]
-        while queue:
-            nxt = queue.popleft()
-            buf = torch.empty(nxt.size, dtype=torch.uint8, device=self.wire)
-            work = dist.irecv(buf, nxt.src, group=self.groups.get((nxt.src, nxt.dst)))
-            self.posted[nxt.key] = (buf, work, nxt)
-            if nxt is t:
-                return
-        raise OutOfOrder(f"rank {dist.get_rank()} takes {key} a second time")
 
     def recv(self, key: tuple) -> tuple[list[int], list[torch.Tensor]]:
         """The (ids, tensors) of transfer `key`."""
         self.expect(key)
+        if key not in self.posted:
+            t = self._in_by_key[key]
+            if any(x is t for _, x in self._queue):  # behind a send this rank has not made
+                raise OutOfOrder(
+                    f"rank {dist.get_rank()} waits for {t.what} from rank {t.src}, but the "
+                    f"plan's order sends {self._queue[0][1].key} first"
+                )
+            raise OutOfOrder(f"rank {dist.get_rank()} takes {key} a second time")
         buf, work, t = self.posted.pop(key)
         self._wait(work, t.src, f"{t.what} from rank {t.src}")
         meta, tensors = _unpack(buf, self.dtype)
@@ -239,8 +251,7 @@ class Mailbox:
         for _msg, t, work in self.pending:
             self._wait(work, t.dst, f"the send of {t.what} to rank {t.dst} to complete")
         self.pending.clear()
-        left = [t.key for q in (*self._out.values(), *self._in.values()) for t in q]
-        left += list(self.posted)
+        left = [t.key for _, t in self._queue] + list(self.posted)
         if left:
             raise OutOfOrder(
                 f"rank {dist.get_rank()}: transfers of the plan never sent or taken: {left[:4]}"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from entrain.config import DEVICES
+from entrain.cost.emulated import emulated_device, is_emulated
 
 
 def check_device(name: str) -> None:
@@ -46,8 +47,11 @@ def place(name: str, local_rank: int | None = None, local_world: int | None = No
     with more processes than GPUs still runs on the CPU; "cuda" insists on GPUs: one each
     with NCCL when there are enough, shared (messages over gloo) when not, and fails clearly
     without any. Rank and world default to torchrun's environment."""
-    check_device(name)
     cpu = torch.device("cpu")
+    if is_emulated(name):  # no model: ranks sleep on the CPU (runtime/emulate.py)
+        emulated_device(name)  # an unknown name or a bad profile: one error, before any rank
+        return Placement(cpu, cpu)
+    check_device(name)
     if name == "cpu":
         return Placement(cpu, cpu)
     env = os.environ

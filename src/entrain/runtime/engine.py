@@ -1,9 +1,11 @@
 """One training iteration on one rank: an encoder or an LLM pipeline stage of one replica.
 
-Both roles replay their action list from schedule/pipeline.py, the same lists the simulator
-replays. An encoder runs its microbatches' forwards, sends each unit's embedding to the first
-LLM stage of the replica that owns the sample, and runs a microbatch's backward once the
-gradients of all its units are back. LLM stages run 1F1B; the first stage waits for the
+Both roles run their computes in the step program's order (program/order.py: the pipeline
+action lists the simulator replays too) and leave the order of their sends and receives to
+the Mailbox, which issues them in the program's global order. An encoder runs its
+microbatches' forwards, sends each unit's embedding to the first LLM stage of the replica
+that owns the sample, and runs a microbatch's backward once the gradients of all its units
+are back. LLM stages run 1F1B; the first stage waits for the
 embeddings of every sample of a microbatch before its forward (deferral is waiting).
 """
 
@@ -16,18 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from entrain.program.iteration import IterationPlan
+from entrain.program.order import actions_of
+from entrain.program.transfers import Role, act_grad_key, act_key, embed_grad_key, embed_key
 from entrain.runtime.comm import Mailbox
 from entrain.runtime.device import sync
-from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.modules import LLMStage
 from entrain.runtime.setup import SampleInputs
-from entrain.runtime.transfers import Role, act_grad_key, act_key, embed_grad_key, embed_key
-from entrain.schedule.pipeline import encoder_actions, one_f_one_b
-
-POST_AHEAD = 2
-"""A stage posts the input receives of microbatch j + POST_AHEAD when it starts microbatch
-j: early enough that a sender rarely waits for the receiver's go-ahead (a gloo receive is a
-rendezvous), few enough that receive buffers stay a window, not the whole step."""
 
 
 @dataclass
@@ -71,7 +68,7 @@ class EncoderWorker:
     ) -> None:
         e, r, c = self.role.module, self.role.replica, self.role.copy
         outputs: dict[int, list[torch.Tensor]] = {}
-        actions = list(encoder_actions(it.need(e, r), it.llm_stages, self.trains))
+        actions = [(a.kind, a.mb) for a in actions_of(it, self.role, {e: self.trains})]
         last_b = max((i for i, (kind, _) in enumerate(actions) if kind == "B"), default=-1)
         for i, (kind, k) in enumerate(actions):
             if i == last_b and before_last_backward:
@@ -84,9 +81,6 @@ class EncoderWorker:
                 by_unit = dict(zip(units, embs))
                 outputs[k] = embs
                 stats.timed(f"F{k}", t0)
-                if self.trains:  # the gradients of these units will come back: post for them
-                    for dest, j in it.grad_sources(e, r, k, c):
-                        mail.expect(embed_grad_key(e, r, k, dest, j, c))
                 for dest, us in it.sends_of(e, r, k, c).items():
                     mail.send(embed_key(e, r, k, dest, c), [by_unit[u] for u in us])
             else:
@@ -137,24 +131,20 @@ class LLMWorker:
         loss_tokens: int,
         before_last_backward: Callable[[], None] | None = None,
     ) -> float:
-        r, s, P, M = self.role.replica, self.role.stage, it.llm_stages, it.asg.microbatches
+        r, s = self.role.replica, self.role.stage
         received: dict[tuple[str, int], torch.Tensor] = {}
         got: set = set()
         inputs: dict[int, list[torch.Tensor]] = {}
         outs: dict[int, list[torch.Tensor]] = {}
         losses: dict[int, torch.Tensor] = {}
         total = 0.0
-        for j in range(min(POST_AHEAD, M)):
-            self._post_inputs(it, mail, j, got)
-        actions = list(one_f_one_b(P, s, M))
+        actions = [(a.kind, a.mb) for a in actions_of(it, self.role, self.encoder_trains)]
         last_b = max(i for i, (kind, _) in enumerate(actions) if kind == "B")
         for i, (kind, j) in enumerate(actions):
             if i == last_b and before_last_backward:
                 before_last_backward()  # gradients become final in this backward
             samples = it.llm_mb.get((r, j), [])
             if kind == "F":
-                if j + POST_AHEAD < M:
-                    self._post_inputs(it, mail, j + POST_AHEAD, got)
                 if s == 0:
                     for src in it.embed_sources(r, j):
                         if src not in got:
@@ -191,8 +181,6 @@ class LLMWorker:
                     else:
                         hidden_out.append(h[0])
                 inputs[j], outs[j] = hidden_in, hidden_out
-                if not self.stage.last:  # the gradients of this microbatch will come back
-                    mail.expect(act_grad_key(r, s + 1, j))
                 if loss is not None:
                     losses[j] = loss
                     total += float(loss.detach()) * loss_tokens
@@ -216,17 +204,6 @@ class LLMWorker:
                 else:
                     self._return_embedding_grads(it, r, j, received, mail)
         return total
-
-    def _post_inputs(self, it: IterationPlan, mail: Mailbox, j: int, got: set) -> None:
-        """Post the receives of microbatch j's inputs ahead of its forward: embeddings (first
-        stage; those not already here) or activations from the previous stage."""
-        r, s = self.role.replica, self.role.stage
-        if s > 0:
-            mail.expect(act_key(r, s - 1, j))
-            return
-        for e, rs, k, c in it.embed_sources(r, j):
-            if (e, rs, k, c) not in got:
-                mail.expect(embed_key(e, rs, k, r, c))
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]

@@ -8,16 +8,25 @@ samples a step trains (the data, the global batch, the seed, the shuffle, dp, th
 that drop bad samples), because the data order is a function of those and the step number
 alone; changing them mid-epoch would skip or repeat samples without a word.
 
-Torch-free: the launcher checks all of this before starting any process.
+A run on several nodes needs its run directory to be one folder that every node sees
+(`check_shared`): rank 0 writes config.json and the logs, every rank its checkpoint shards.
+
+Torch-free: the launcher checks all of this before starting any process (`check_shared`
+takes the collective it needs from its caller).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from entrain.config import ConfigError, RunRecord, TrainConfig, with_absolute_paths
@@ -115,6 +124,125 @@ def clear_run(cfg: TrainConfig) -> list[Path]:
         else:
             p.unlink()
     return removed
+
+
+# ------------------------------------------------------------ one run directory, every node
+
+SHARED_TOKEN = ".entrain-shared-"
+"""The name of the token file `check_shared` leaves in a folder for the other nodes to see."""
+
+AllGather = Callable[[list, object], None]
+"""torch.distributed.all_gather_object's signature: fills the list with every rank's object."""
+
+
+def shared_folders(cfg: TrainConfig) -> list[tuple[str, Path]]:
+    """The folders every rank of the run writes into, by flag: --out, and the folder
+    checkpoints go to when it is not OUT/checkpoints (--checkpoint-dir, else --resume when
+    the run checkpoints). A --resume that is only read is left out: it may be read-only."""
+    found = [("--out", cfg.out)]
+    if cfg.checkpoint_dir:
+        found.append(("--checkpoint-dir", cfg.checkpoint_dir))
+    elif cfg.resume and (cfg.checkpoint_every or cfg.checkpoint_on_stop):
+        found.append(("--resume", cfg.resume))
+    out, seen = [], set()
+    for flag, folder in found:
+        if folder and os.path.abspath(folder) not in seen:
+            seen.add(os.path.abspath(folder))
+            out.append((flag, Path(os.path.abspath(folder))))
+    return out
+
+
+def check_shared(
+    cfg: TrainConfig, rank: int, world: int, all_gather: AllGather, wait_s: float = 5.0
+) -> None:
+    """Refuse a run whose folders are not the same folder on every node, before any rank
+    writes into them: otherwise each node would keep its own part of the logs and of every
+    checkpoint (its ranks' shards), and the run would fail later, at a checkpoint or a
+    resume, far from the cause.
+
+    Rank 0 writes a token file with a name new to this launch into each folder; then every
+    rank looks for it at its own path of the folder (the same path, unless the nodes were
+    given different settings). Every rank gets every rank's answer and raises the same
+    one-line ConfigError, naming rank 0's folder and a rank that does not see the token.
+    Two `all_gather` calls (torch.distributed.all_gather_object, passed in so this module
+    stays torch-free); the first also serves as the barrier after the write."""
+    folders = shared_folders(cfg)
+    if not folders:
+        return
+    posted = _post_token(folders) if rank == 0 else None
+    name, refusal, theirs = _gather(all_gather, world, posted)[0]  # rank 0's: every rank's text
+    try:
+        if refusal:
+            raise ConfigError(refusal)
+        # {flag: where this rank looked} for each folder where it does not see the token
+        unseen = {flag: str(f / name) for flag, f in folders if not _sees(f / name, wait_s)}
+        answers = _gather(all_gather, world, (socket.gethostname(), unseen))
+    finally:
+        if rank == 0 and name:
+            _remove_token(folders, name)
+    for flag, folder in theirs:
+        missing = [(r, host, looked[flag]) for r, (host, looked) in enumerate(answers)
+                   if flag in looked]  # fmt: skip
+        if missing:
+            r, host, looked = missing[0]
+            raise ConfigError(
+                _not_shared(flag, folder / name, r, host, Path(looked), len(missing) - 1)
+            )
+
+
+def _gather(all_gather: AllGather, world: int, mine: object) -> list:
+    every: list = [None] * world
+    all_gather(every, mine)
+    return every
+
+
+def _post_token(folders: list[tuple[str, Path]]) -> tuple[str | None, str | None, list]:
+    """Rank 0: the token file in every folder; (its name, None, the folders), or (None, why
+    it could not, the folders)."""
+    name = SHARED_TOKEN + secrets.token_hex(6)
+    for flag, folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(f"written by rank 0 on {socket.gethostname()}\n")
+        except OSError as e:
+            _remove_token(folders, name)
+            why = f"{flag} {folder}: rank 0 cannot write into it ({e.strerror or e})"
+            return None, why, folders
+    return name, None, folders
+
+
+def _remove_token(folders: list[tuple[str, Path]], name: str) -> None:
+    for _, folder in folders:
+        with contextlib.suppress(OSError):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _sees(path: Path, wait_s: float) -> bool:
+    """Whether this rank sees `path`, looking again for up to `wait_s` seconds: a network
+    file system may show another client's new file a moment late, and may answer from a
+    cache that still says "no such file" (this rank looked for the folder in check_out,
+    before rank 0 made it); listing the folder and its parent makes it ask the server."""
+    deadline = time.monotonic() + wait_s
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        for folder in (path.parent.parent, path.parent):
+            try:
+                os.listdir(folder)
+            except OSError:
+                pass
+        time.sleep(0.1)
+    return True
+
+
+def _not_shared(flag: str, token: Path, rank: int, host: str, theirs: Path, more: int) -> str:
+    where = "" if theirs == token else f" (it looked for {theirs})"
+    who = f"rank {rank} (host {host})" + (f" and {more} other rank(s)" if more else "")
+    return (
+        f"{flag} {token.parent} is not shared by every node: {who} "
+        f"{'do' if more else 'does'} not see rank 0's {token}{where}; put the run on a file "
+        "system every node mounts, at the same path on every node"
+    )
 
 
 # ------------------------------------------------------------------------ segments of a run

@@ -21,8 +21,8 @@ from entrain.data.codec import TextCodec
 from entrain.data.sequence import LayoutError, SampleTokens, workload_items
 from entrain.models.load import run_spec
 from entrain.models.spec import ModelSpec, VisionSpec
+from entrain.program.iteration import IterationPlan
 from entrain.runtime.inputs import Record, SampleError, load_records
-from entrain.runtime.iteration import IterationPlan
 from entrain.runtime.loader import Job, Key, Loader
 from entrain.runtime.source import HFSource, PresetSource, model_source
 from entrain.schedule.assignment import Assignment

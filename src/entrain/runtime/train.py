@@ -29,10 +29,13 @@ from torch import nn
 
 from entrain.config import recompute_of
 from entrain.cost.batch import CostedBatch, cost_batch
+from entrain.program.order import Recv, Send, comm_ops, step_program
+from entrain.program.transfers import edges, roles
 from entrain.runlog import read_log
 from entrain.runtime import checkpoint
-from entrain.runtime.comm import Mailbox, Transfer, connect, edge_groups
+from entrain.runtime.comm import Mailbox, p2p_channels
 from entrain.runtime.device import Placement, place
+from entrain.runtime.emulate import emulator_of
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
 from entrain.runtime.grads import GradReducer
 from entrain.runtime.inputs import load_records
@@ -51,7 +54,14 @@ from entrain.runtime.optim import (
     wire_dtype,
 )
 from entrain.runtime.reference import loss_tokens
-from entrain.runtime.rundir import check_out, check_resume_order, clear_run, order_of, record_json
+from entrain.runtime.rundir import (
+    check_out,
+    check_resume_order,
+    check_shared,
+    clear_run,
+    order_of,
+    record_json,
+)
 from entrain.runtime.setup import (
     Step,
     TrainConfig,
@@ -64,7 +74,6 @@ from entrain.runtime.setup import (
     source_of,
 )
 from entrain.runtime.stopping import StopRequest, signal_name
-from entrain.runtime.transfers import edges, roles, transfers_of
 from entrain.schedule import replica_pool
 from entrain.workload.manifest import read_manifest
 
@@ -72,7 +81,8 @@ from entrain.workload.manifest import read_manifest
 @dataclass
 class Prepared:
     step: Step
-    transfers: list[Transfer]
+    transfers: list[Send | Recv]
+    """This rank's communication in the step program's order."""
     loss_tokens: int
     seconds: float
     """How long preparing it took."""
@@ -125,21 +135,24 @@ class Trainer:
         self.roles = roles(self.plan, encoders)
         self.role = self.roles[rank]
         self.trains = {e.name: not e.frozen for e in self.spec.encoders}
-        parsed = (load_records(cfg.data), read_manifest(cfg.data))  # once, for both uses
-        self.data_codec = self.source.codec()
-        self.skipped = self._check_samples(*parsed)
-        workers = cfg.data_workers if self.role.module != "llm" else 0  # LLM ranks decode nothing
-        self.data = open_dataset(
-            cfg, self.source, [b.index for b in self.skipped], parsed, workers=workers
-        )
+        self.emulated = emulator_of(cfg, self.spec, self.plan)  # --device emulate: no model
+        if self.emulated is not None:  # sizes only: no files, tokenizer or validation
+            self.skipped, self.data = [], self.emulated.data
+        else:
+            parsed = (load_records(cfg.data), read_manifest(cfg.data))  # once, for both uses
+            self.data_codec = self.source.codec()
+            self.skipped = self._check_samples(*parsed)
+            workers = cfg.data_workers if self.role.module != "llm" else 0  # LLM ranks: none
+            self.data = open_dataset(
+                cfg, self.source, [b.index for b in self.skipped], parsed, workers=workers
+            )
         profile = profile_of(cfg, self.spec)
         self.cost_model = profile.cost_model() if profile else None
         self.cfg = cfg = dataclasses.replace(
             cfg, lookahead=resolve_lookahead(cfg, self.data, profile, self.plan)
         )
         block = replica_pool(cfg.policy, cfg.dp, cfg.pool)
-        groups = edge_groups(edges(self.roles, self.trains, block))
-        connect(groups, placement.wire)
+        groups = p2p_channels(edges(self.roles, self.trains, block), placement.wire)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.compute = compute_context(self.precision, self.device)
         self.mail = Mailbox(
@@ -164,6 +177,11 @@ class Trainer:
         """This rank's modules, and only them (a model folder's other tensors are never
         read), on its device."""
         source, role, trains, device = self.source, self.role, self.trains, self.device
+        if self.emulated is not None:  # computes sleep their simulated time (runtime/emulate.py)
+            self.worker, self.named = self.emulated.worker(
+                role, trains, lambda: self.current, source.tied_key
+            )
+            return
         recompute = recompute_of(self.cfg.recompute)
         if role.module != "llm":
             enc = next(e for e in self.spec.encoders if e.name == role.module)
@@ -238,6 +256,8 @@ class Trainer:
             wire_dtype(self.precision).itemsize,
             self.plan.encoder_dp,
         )
+        if self.emulated is not None:  # one value a row on the wire; each compute's seconds
+            st = self.emulated.step(st)
         if self.role.module != "llm":  # start decoding the inputs this rank will encode
             e, r, c = self.role.module, self.role.replica, self.role.copy
             self.data.loader.want(
@@ -253,7 +273,7 @@ class Trainer:
         )
         return Prepared(
             st,
-            transfers_of(st.plan, self.rank, self.roles, self.trains),
+            comm_ops(step_program(st.plan, self.roles, self.trains)[self.rank]),
             loss_tokens(self.data, st.indices),
             time.perf_counter() - t0,
             model_flops(flops_batch),
@@ -388,25 +408,45 @@ class Trainer:
 
     def _check_samples(self, records: list, workload) -> list:
         """Rank 0 checks every sample against its files (all decoded once); every rank gets
-        the verdict, so all leave out the same samples or all stop with the same message."""
+        the verdict, so all leave out the same samples or all stop with the same message.
+
+        The check lasts as long as reading the data set's files does (hours for millions of
+        files on a network disk), while every collective is bounded by --timeout. So rank 0
+        checks in a thread and meanwhile broadcasts "not yet" every `poll` seconds: the
+        other ranks wait for the verdict as long as rank 0 is checking, each broadcast
+        within the timeout, and still fail at once if rank 0 dies (the connection closes).
+        One check on rank 0 rather than shares on every rank: shares would decode on every
+        rank at once (each with its own file threads) and still meet at a collective after
+        the slowest share."""
+        from concurrent.futures import wait
+
         from entrain.runtime.inputs import SampleError
         from entrain.runtime.validate import summary, validate_samples
 
         cfg = self.cfg
         if cfg.validate == "off":
             return []
-        verdict: list = [None]
-        if self.rank == 0:
-            bad = validate_samples(
-                records,
-                workload,
-                self.spec,
-                cfg.max_sample_tokens,
-                workers=min(8, os.cpu_count() or 1),
-                decode=cfg.validate == "full",
-                codec=self.data_codec,
-            )
-            verdict = [bad]
+        poll = min(1.0, cfg.timeout_s / 4)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrain-validate") as pool:
+            checking = None
+            if self.rank == 0:
+                checking = pool.submit(
+                    validate_samples,
+                    records,
+                    workload,
+                    self.spec,
+                    cfg.max_sample_tokens,
+                    workers=min(8, os.cpu_count() or 1),
+                    decode=cfg.validate == "full",
+                    codec=self.data_codec,
+                )
+            done = torch.zeros(1, dtype=torch.int64)  # CPU: gloo carries it
+            while not done.item():
+                if checking is not None:
+                    wait([checking], timeout=poll)
+                    done.fill_(int(checking.done()))
+                dist.broadcast(done, src=0)
+            verdict: list = [checking.result() if checking is not None else None]
         dist.broadcast_object_list(verdict, src=0)
         bad = verdict[0]
         if bad and not cfg.skip_bad:
@@ -641,6 +681,10 @@ def _run(
         _init_process_group(datetime.timedelta(seconds=cfg.timeout_s), placement)
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
+    # before any rank writes: every node sees the run's folders (runtime/rundir.py); the
+    # processes of one torchrun agent share its file system, so one node skips it
+    if os.environ.get("GROUP_WORLD_SIZE") != "1":
+        check_shared(cfg, rank, world, dist.all_gather_object)
     if cfg.pin_cores:
         pin_to_core(rank)
     order = order_of(cfg)

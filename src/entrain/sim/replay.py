@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from entrain.config import RunRecord, read_run_config
+from entrain.cost.emulated import emulated_device, is_emulated
 from entrain.cost.profile import Profile, load_profile
 from entrain.models.load import run_spec
 from entrain.runlog import after_warmup, read_metrics
@@ -82,26 +83,32 @@ class RunReplayer:
     """A run's configuration, data and costs, ready to simulate any of its steps as the
     runtime ran it: the same global batch (bad samples the run skipped left out), the same
     assignment (balanced with the cost model the run balanced with: its profile, or FLOPs),
-    timed with a measured profile (default: the run's own)."""
+    timed with a measured profile (default: the run's own). A run on an emulated device
+    (--device emulate) is timed by default with that device, and its simulated times are
+    multiplied by the run's --time-scale, as its sleeps were."""
 
     def __init__(self, run_dir: str | Path, profile: Profile | str | None = None):
         run_dir = Path(run_dir)
         record, self.rows = _run_files(run_dir)
         self.cfg = cfg = record.config
         self.spec = run_spec(cfg.model, cfg.audio_from, cfg.freeze)
-        if profile is None:
-            if not cfg.profile:
-                raise ValueError(
-                    f"{run_dir} was trained without --profile; pass one (`entrain profile`) to "
-                    "give the simulator measured seconds"
-                )
-            profile = cfg.profile
-        if not isinstance(profile, Profile):
-            profile = load_profile(profile)
-        profile.check_spec(self.spec)
-        self.timing = profile.cost_model()
+        self.scale = cfg.time_scale if is_emulated(cfg.device) else 1.0
+        device = emulated_device(cfg.device, self.spec) if profile is None else None
+        if device is not None:  # the device the run emulated: its costs and hardware
+            self.timing, self.hw = device.cost_model, device.hardware
+        else:
+            if profile is None:
+                if not cfg.profile:
+                    raise ValueError(
+                        f"{run_dir} was trained without --profile; pass one (`entrain "
+                        "profile`) to give the simulator measured seconds"
+                    )
+                profile = cfg.profile
+            if not isinstance(profile, Profile):
+                profile = load_profile(profile)
+            profile.check_spec(self.spec)
+            self.timing, self.hw = profile.cost_model(), profile.hardware()
         self.balancing = load_profile(cfg.profile).cost_model() if cfg.profile else None
-        self.hw = profile.hardware()
         self.plan = ParallelPlan.from_dict(record.plan)
         workload = read_manifest(cfg.data)
         skipped = run_dir / "skipped.jsonl"
@@ -118,7 +125,8 @@ class RunReplayer:
         model), timed by the replay's profile."""
         sb = self.recipe.step(self.workload, step)
         timed = self.recipe.replace(cost_model=self.timing).cost(sb.samples)
-        return simulate(timed, sb.asg, self.spec, self.plan, self.hw, record_events=record_events)
+        res = simulate(timed, sb.asg, self.spec, self.plan, self.hw, record_events=record_events)
+        return res.scaled(self.scale) if self.scale != 1.0 else res
 
 
 def replay_run(

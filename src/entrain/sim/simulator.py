@@ -20,20 +20,20 @@ computed in one topological pass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from entrain.cost.batch import CostedBatch
-from entrain.cost.flops import module_params
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
 from entrain.schedule.assignment import Assignment
-from entrain.schedule.copies import unit_copies
 from entrain.schedule.metrics import deferred_tokens
 from entrain.schedule.parallel import ParallelPlan
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
+from entrain.sim.durations import bin_sum, op_seconds
 
 
 @dataclass
@@ -60,6 +60,16 @@ class SimResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.iter_time if self.iter_time > 0 else 0.0
+
+    def scaled(self, factor: float) -> SimResult:
+        """The same iteration with every time multiplied by `factor`: what an emulated run
+        (--device emulate, --time-scale) is held to."""
+        return dataclasses.replace(
+            self,
+            iter_time=self.iter_time * factor,
+            busy={d: b * factor for d, b in self.busy.items()},
+            events=[(d, a, s * factor, f * factor) for d, a, s, f in self.events],
+        )
 
 
 class _Graph:
@@ -121,19 +131,6 @@ class _Graph:
         return np.asarray(start), np.asarray(finish)
 
 
-def _bin_sum(bins: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
-    return np.bincount(bins, weights=weights, minlength=n)
-
-
-def _busiest(bins: np.ndarray, copy: np.ndarray, work: np.ndarray, n: int, copies: int):
-    """Work of each bin's busiest encoder copy, with the units split among the copies as the
-    policy splits them (schedule/copies.py)."""
-    if copies == 1:
-        return _bin_sum(bins, work, n)
-    per_copy = np.bincount(bins * copies + copy, weights=work, minlength=n * copies)
-    return per_copy.reshape(n, copies).max(axis=1)
-
-
 def simulate(
     batch: CostedBatch,
     asg: Assignment,
@@ -150,7 +147,7 @@ def simulate(
         )
     plan.check_modules(tuple(batch.units))
     B = D * M
-    unit = batch.unit
+    ops = op_seconds(batch, asg, spec, plan, hw)  # every compute's duration (sim/durations.py)
     same_node = plan.gpus_per_replica <= hw.gpus_per_node
     link = hw.link(same_node)
     value_bytes = hw.bytes_per_value
@@ -165,13 +162,8 @@ def simulate(
 
     # ---- LLM stages: 1F1B per replica
     llm_bin = asg.llm_bin()
-    tok_bin = _bin_sum(llm_bin, batch.llm_tokens.astype(np.float64), B)
-    runs = tok_bin > 0
-    call_f, call_b = batch.call_cost.get("llm", (0.0, 0.0))
-    f_llm = _bin_sum(llm_bin, batch.llm_fwd, B) + call_f * runs
-    b_llm = _bin_sum(llm_bin, batch.llm_bwd, B) + call_b * runs
-    f_llm = hw.seconds(f_llm / P, unit, plan.llm_tp)
-    b_llm = hw.seconds(b_llm / P, unit, plan.llm_tp)
+    tok_bin = bin_sum(llm_bin, batch.llm_tokens.astype(np.float64), B)
+    f_llm, b_llm = ops.llm_fwd, ops.llm_bwd
     act_lat = tok_bin * spec.llm.hidden_size * value_bytes / plan.llm_tp / link + hw.latency
     F = np.zeros((P, B), dtype=np.int64)  # node id of forward of stage s, bin j
     Bk = np.zeros((P, B), dtype=np.int64)
@@ -199,11 +191,8 @@ def simulate(
         u = batch.units[enc.name]
         tp, copies = plan.encoder_tp[enc.name], plan.encoder_dp.get(enc.name, 1)
         ebin = asg.unit_bin(enc.name)
-        runs = np.bincount(ebin, minlength=B) > 0
-        call_f, call_b = batch.call_cost.get(enc.name, (0.0, 0.0))
-        copy = unit_copies(batch, asg, enc.name, copies)
-        f_enc = hw.seconds(_busiest(ebin, copy, u.fwd, B, copies) + call_f * runs, unit, tp)
-        b_enc = hw.seconds(_busiest(ebin, copy, u.bwd, B, copies) + call_b * runs, unit, tp)
+        # the device is the encoder's copies together: a microbatch ends with its busiest copy
+        f_enc, b_enc = ops.enc_fwd[enc.name].max(axis=1), ops.enc_bwd[enc.name].max(axis=1)
         trains = bool(u.bwd.sum() > 0) or not enc.frozen
         # LLM microbatch of each unit's sample; the last one each encoder bin feeds
         ubin = llm_bin[u.sample]
@@ -248,20 +237,11 @@ def simulate(
 
     start, finish = g.longest_path()
     # ---- gradient all-reduce per module group, after its last backward on every replica
-    params = module_params(spec)
-    shards = {"llm": plan.llm_tp * P, **plan.encoder_tp}
-    replicas = {"llm": D, **{e: D * plan.encoder_dp.get(e, 1) for e in plan.encoder_tp}}
-    trains_mod = {"llm": True, **{e.name: not e.frozen for e in spec.encoders}}
-    dp_link = hw.link(plan.world_size <= hw.gpus_per_node)
     end = float(finish.max(initial=0.0))
     for m, nodes in finish_groups.items():
         done = float(finish[nodes].max(initial=0.0))
-        n_rep = replicas[m]
-        if trains_mod.get(m, True) and n_rep > 1:
-            grad_bytes = params[m] / shards[m] * value_bytes
-            done += 2 * (n_rep - 1) / n_rep * grad_bytes / dp_link
-        if trains_mod.get(m, True):
-            done += hw.seconds(np.float64(batch.step_cost.get(m, 0.0)) / shards[m], unit, 1)
+        done += ops.reduce[m]
+        done += ops.step[m]
         end = max(end, done)
     dur = np.asarray(g.dur)
     dev_of = np.asarray(g.device)

@@ -280,6 +280,7 @@ def write_manifest(
     the temporary file goes too when the writing stops (Ctrl-C, a full disk, a bad chunk).
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `-o out/omni/manifest.jsonl` on a fresh tree
     tmp = path.with_name(path.name + ".tmp")
     chunks = [workload] if isinstance(workload, Workload) else workload
     written = 0

@@ -41,7 +41,9 @@ def _items(
 ) -> ItemTable:
     sample = np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
     size = sizes(int(sample.shape[0])).astype(np.float64)
-    return ItemTable(sample, size.reshape(sample.shape[0], -1))
+    # sizes are (k,) or (k, dims); a batch may draw no item of a kind (k = 0)
+    width = size.shape[1] if size.ndim == 2 else 1
+    return ItemTable(sample, size.reshape(sample.shape[0], width))
 
 
 def _llava_pretrain(rng: np.random.Generator, n: int) -> dict:
