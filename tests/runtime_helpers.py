@@ -39,12 +39,19 @@ def train(manifest: Path, out: Path, nproc: int, *args: str) -> subprocess.Compl
     return res
 
 
+def params(out: Path) -> dict[str, torch.Tensor]:
+    """Every parameter a run saved with --save-params (one file per rank), by name."""
+    got: dict[str, torch.Tensor] = {}
+    for f in glob.glob(str(out / "params-*.pt")):
+        got.update(torch.load(f))
+    assert got, f"no params-*.pt in {out}"
+    return got
+
+
 def assert_matches_reference(out: Path, cfg: TrainConfig) -> None:
     grads: dict[str, torch.Tensor] = {}
     ref = reference_params(cfg, grads=grads)
-    got = {}
-    for f in glob.glob(str(out / "params-*.pt")):
-        got.update(torch.load(f))
+    got = params(out)
     assert set(got) == set(ref)
     # AdamW's first step moves a weight by about lr * g / (|g| + eps): where a reference
     # gradient was nonzero but at rounding level (|g| <= 1e-7) in some step, summing in

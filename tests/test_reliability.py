@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import glob
 import json
 import multiprocessing as mp
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from runtime_helpers import params
 
 from entrain.runtime import checkpoint
 from entrain.runtime.demo_data import make_demo_data
@@ -43,14 +43,6 @@ def train(*args: str, env: dict | None = None, ok: bool = True) -> subprocess.Co
     if ok:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
-
-
-def params(out: Path) -> dict[str, torch.Tensor]:
-    got: dict[str, torch.Tensor] = {}
-    for f in glob.glob(str(out / "params-*.pt")):
-        got.update(torch.load(f))
-    assert got
-    return got
 
 
 def consumed(out: Path) -> list[tuple[int, str]]:

@@ -5,7 +5,6 @@ exactly once. Black-box: real launches under torchrun (gloo, 2 ranks)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from runtime_helpers import params
 
 from entrain.runtime.demo_data import make_demo_data
 
@@ -114,14 +114,6 @@ def _is_torchrun(pid: int) -> bool:
         return b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-
-
-def params(out: Path) -> dict[str, torch.Tensor]:
-    got: dict[str, torch.Tensor] = {}
-    for f in glob.glob(str(out / "params-*.pt")):
-        got.update(torch.load(f))
-    assert got
-    return got
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import glob
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from runtime_helpers import params
 
 from entrain.cli_train import _kill_tree, _launcher_noise_removed
 from entrain.config import ConfigError
@@ -100,14 +100,6 @@ def two_nodes(data: Path, out0: Path, out1: Path, timeout: float = 300):
     seconds = time.monotonic() - t0
     said = ["".join(_launcher_noise_removed(e.splitlines(keepends=True))) for e in errs]
     return [a.returncode for a in agents], said, seconds
-
-
-def params(out: Path) -> dict[str, torch.Tensor]:
-    got: dict[str, torch.Tensor] = {}
-    for f in glob.glob(str(out / "params-*.pt")):
-        got.update(torch.load(f))
-    assert got
-    return got
 
 
 def test_two_nodes_train_exactly_what_one_node_trains(data, tmp_path):
