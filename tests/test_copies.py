@@ -37,11 +37,11 @@ def test_the_runtime_splits_copies_as_the_simulator_does(demo):
 
     cfg = TrainConfig(data=str(demo), global_batch=10, microbatches=3)
     spec = spec_of(cfg)
-    batch = cost_batch(read_manifest(demo).slice(0, 10), spec)
+    samples = read_manifest(demo).slice(0, 10)
+    batch = cost_batch(samples, spec)
     for policy in POLICIES:
         asg = assign(policy, batch, 1, 3)
-        plan = IterationPlan.build(batch, asg, spec, 1, lambda e, s, i: ("image", i),
-                                   copies={"vision": 2})  # fmt: skip
+        plan = IterationPlan.build(batch, asg, spec, 1, samples, copies={"vision": 2})
         want = unit_copies(batch, asg, "vision", 2)
         assert plan.unit_copy["vision"] == want.tolist(), policy
         assert set(want.tolist()) == {0, 1}, policy  # both copies work

@@ -30,8 +30,8 @@ from entrain.cost.batch import cost_batch
 from entrain.cost.hardware import HARDWARE
 from entrain.models.load import load_spec
 from entrain.program.iteration import IterationPlan
+from entrain.program.messages import ACT, EMBED
 from entrain.runtime.emulate import EmulatedPlan, busy
-from entrain.runtime.setup import item_locator
 from entrain.schedule import assign
 from entrain.schedule.parallel import ParallelPlan
 from entrain.sim.durations import op_seconds
@@ -81,10 +81,10 @@ def test_a_one_sample_step_is_the_sum_of_its_op_seconds():
     )
 
 
-def test_the_simulator_times_encoder_copies_by_the_busiest():
+def test_the_simulator_times_each_encoder_copy_as_its_own_device():
     """Two vision copies: op_seconds keeps each copy's own time (an emulated copy sleeps
-    its share), the simulator's device takes the longer; the two copies' shares add up to
-    the microbatch's work."""
+    its share), and so does the simulator, a device per copy as the runtime has a rank per
+    copy; the two copies' shares add up to the microbatch's work."""
     w = generate_workload("omni", 32, seed=4)
     batch = cost_batch(w, SPEC)
     asg = assign("entrain", batch, 2, 2, 1)
@@ -95,8 +95,9 @@ def test_the_simulator_times_encoder_copies_by_the_busiest():
     assert np.allclose(per_copy.sum(axis=1), one, rtol=1e-9)  # no call constant in FLOPs
     assert (per_copy.max(axis=1) < one).any()  # the split helps somewhere
     sim = simulate(batch, asg, SPEC, _plan(2, 2, {"vision": 2}), FAST, record_events=True)
-    forwards = [e for e in sim.events if e[0] == "vision/r0" and e[1].startswith("F")]
-    assert forwards[0][3] - forwards[0][2] == pytest.approx(per_copy[0].max(), rel=1e-12)
+    for c in (0, 1):
+        forwards = [e for e in sim.events if e[0] == f"vision.c{c}/r0" and e[1] == "F0"]
+        assert forwards[0][3] - forwards[0][2] == pytest.approx(per_copy[0, c], rel=1e-12)
     scaled = ops.scaled(3.0)
     assert scaled.compute("vision", 1, "B", 1, copy=1) == 3.0 * ops.compute("vision", 1, "B", 1, 1)
     assert scaled.after_backward("llm") == pytest.approx(3.0 * ops.after_backward("llm"))
@@ -119,14 +120,17 @@ def test_emulated_messages_carry_one_value_a_row():
     w = generate_workload("omni", 16, seed=5)
     batch = cost_batch(w, SPEC)
     asg = assign("sequential", batch, 1, 2)
-    it = IterationPlan.build(batch, asg, SPEC, 2, item_locator(w))
+    it = IterationPlan.build(batch, asg, SPEC, 2, w)
     small = EmulatedPlan.of(it, op_seconds(batch, asg, SPEC, _plan(1, 2), FAST))
     samples = it.llm_mb[(0, 0)]
     rows = sum(it.seq_rows[s] + 4 for s in samples)  # SLACK_ROWS of headroom each
-    assert small.act_cap(samples) - 8 * (3 + len(samples) * 4) == 4 * rows
-    assert it.act_cap(samples) > 1000 * small.act_cap(samples)  # 3584 values a row
-    units = it.enc_mb[("vision", 0, 0)]
-    assert small.embed_cap("vision", units) < it.embed_cap("vision", units) / 1000
+    big, narrow = it.messages, small.messages
+    act = np.flatnonzero((narrow.kind == ACT) & (narrow.j == 0))[0]
+    assert narrow.ids(act) == tuple(samples) and big.ids(act) == tuple(samples)
+    assert narrow.nbytes[act] - 8 * (3 + len(samples) * 4) == 4 * rows
+    assert big.nbytes[act] > 1000 * narrow.nbytes[act]  # 3584 values a row
+    embed = (narrow.kind == EMBED) & (narrow.encoder == 0)
+    assert (narrow.nbytes[embed] < big.nbytes[embed] / 1000).all()
 
 
 # ------------------------------------------------------------------------ under torchrun

@@ -19,12 +19,13 @@ from test_transfers import SPEC, run_threads
 
 import entrain.runtime.comm as comm
 from entrain.cost.batch import cost_batch
+from entrain.cost.hardware import HARDWARE
 from entrain.program.iteration import IterationPlan
 from entrain.program.order import Compute, Recv, Send, actions_of, comm_ops, step_program
 from entrain.program.transfers import edges, roles, sends
-from entrain.runtime.setup import item_locator
 from entrain.schedule import POLICIES, assign, replica_pool
 from entrain.schedule.parallel import ParallelPlan
+from entrain.sim.simulator import simulate
 from entrain.workload.traces import generate_workload
 
 
@@ -51,7 +52,7 @@ class Case:
         w = generate_workload("omni", 6 * self.dp * self.M // 2 + self.dp, seed=self.seed)
         batch = cost_batch(w, spec)
         asg = assign(self.policy, batch, self.dp, self.M, self.lookahead, self.pool)
-        it = IterationPlan.build(batch, asg, spec, self.pp, item_locator(w), copies=self.copies)
+        it = IterationPlan.build(batch, asg, spec, self.pp, w, copies=self.copies)
         names = [e.name for e in spec.encoders]
         plan = ParallelPlan(
             dp=self.dp,
@@ -154,6 +155,37 @@ def test_the_single_queue_harness_finishes_every_random_layout(case):
     block = replica_pool(case.policy, case.dp, case.pool)
     errors = run_threads(spec, it, case.dp, case.pp, block=block, copies=case.copies)
     assert not errors, {r: repr(e) for r, e in errors.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.policy}-dp{c.dp}pp{c.pp}M{c.M}")
+def test_the_runtime_sends_exactly_the_messages_the_simulator_times(case):
+    """What the workers hand their Mailbox and what the wire carries (the stand-in counts
+    every byte) equal, one for one, the messages the simulator's graph times: sender,
+    receiver, key, bytes, and each sender's order (its computes' order)."""
+    torch.set_num_threads(1)
+    spec, it, layout, trains = case.build()
+    sent: dict = {}
+    block = replica_pool(case.policy, case.dp, case.pool)
+    errors = run_threads(spec, it, case.dp, case.pp, block=block, copies=case.copies, sent=sent)
+    assert not errors, {r: repr(e) for r, e in errors.items()}
+    names = [e.name for e in spec.encoders]
+    plan = ParallelPlan(dp=case.dp, llm_pp=case.pp, microbatches=case.M,
+                        encoder_tp=dict.fromkeys(names, 1), encoder_dp=case.copies)  # fmt: skip
+    timed = simulate(it.batch, it.asg, spec, plan, HARDWARE["h100"], value_bytes=4).messages
+    for rank, role in enumerate(layout):
+        position = {(a.kind, a.mb): i for i, a in enumerate(actions_of(it, role, trains))}
+        rows = [i for i in range(len(timed)) if timed.src[i] == rank]
+        rows.sort(key=lambda i: position["FB"[timed.make[i, 0]], timed.make[i, 1]])
+        expected = [(timed.key(i), int(timed.dst[i]), int(timed.nbytes[i])) for i in rows]
+        assert sent[rank] == expected, layout[rank]
+    wire: dict = {}
+    for i in range(len(timed)):  # per pair, the order the sender's computes make them
+        wire.setdefault((int(timed.src[i]), int(timed.dst[i])), []).append(i)
+    assert {pair: sorted(timed.nbytes[r] for r in rows) for pair, rows in wire.items()} == {
+        pair: sorted(sizes) for pair, sizes in sent["wire"].items()
+    }
+    for (src, dst), sizes in sent["wire"].items():
+        assert sizes == [n for key, d, n in sent[src] if d == dst]
 
 
 def test_costs_change_the_interleaving_not_the_validity():

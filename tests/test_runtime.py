@@ -14,9 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from runtime_helpers import assert_matches_reference, read_scalars, train
 
+from entrain.config import read_run_config
+from entrain.cost.hardware import HARDWARE
+from entrain.models.load import run_spec
 from entrain.runtime.demo_data import make_demo_data
 from entrain.runtime.setup import TrainConfig
 from entrain.schedule import POLICIES
+from entrain.schedule.parallel import ParallelPlan
+from entrain.sim.simulator import simulate
+from entrain.workload.manifest import read_manifest
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -63,11 +69,38 @@ def test_two_replicas_two_stages_with_deferral_and_pooling(demo, tmp_path):
         "3",
         "--dp",
         "2",
+        "--trace",
     )
     cfg = TrainConfig(
         data=str(demo), policy="entrain", steps=2, global_batch=12, microbatches=3, dp=2
     )
     assert_matches_reference(tmp_path, cfg)
+    # the messages its ranks sent in the traced (last) step are, one for one, those the
+    # simulator times for that step: sender, receiver, key, bytes (the order each sender
+    # keeps is the step program's, checked on 50 layouts in tests/test_program.py)
+    sent = json.loads((tmp_path / "messages.json").read_text())
+    timed = _simulated_messages(tmp_path, 1)
+    assert len(sent) == len(timed) > 0
+    for rank in {m["src"] for m in sent} | set(timed.src.tolist()):
+        ours = [(tuple(m["key"]), m["dst"], m["bytes"]) for m in sent if m["src"] == rank]
+        rows = [i for i in range(len(timed)) if timed.src[i] == rank]
+        theirs = [(timed.key(i), int(timed.dst[i]), int(timed.nbytes[i])) for i in rows]
+        assert sorted(ours) == sorted(theirs), rank
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["p2p_messages"] == len(sent)
+    assert rows[-1]["p2p_mb"] * 2**20 == pytest.approx(sum(m["bytes"] for m in sent))
+
+
+def _simulated_messages(run_dir: Path, step: int):
+    """The messages the simulator times for step `step` of a run (its plan and recipe; the
+    hardware does not change which messages there are, the run's fp32 wire their bytes)."""
+    record = read_run_config(run_dir)
+    cfg = record.config
+    spec = run_spec(cfg.model, cfg.audio_from, cfg.freeze)
+    plan = ParallelPlan.from_dict(record.plan)
+    recipe = cfg.step_recipe(spec).replace(dp=plan.dp, microbatches=plan.microbatches)
+    sb = recipe.step(read_manifest(cfg.data), step)
+    return simulate(sb.batch, sb.asg, spec, plan, HARDWARE["h100"], value_bytes=4).messages
 
 
 def test_loss_decreases_over_30_steps(demo, tmp_path):

@@ -173,12 +173,11 @@ def test_decoupled_units_cover_each_unit_once_and_are_never_late(workload, dp):
 def test_decoupled_units_match_the_runtime_plan(workload):
     """The units each rank's encoder gets are those Entrain's runtime would run there."""
     from entrain.program.iteration import IterationPlan
-    from entrain.runtime.setup import item_locator
 
     samplers = _samplers(workload, 2, microbatches=3, decoupled=True)
     for i in range(samplers[0].iterations):
         idx, batch, asg = samplers[0].assignment(i)
-        plan = IterationPlan.build(batch, asg, SPEC, 1, item_locator(workload.take(idx)))
+        plan = IterationPlan.build(batch, asg, SPEC, 1, workload.take(idx))
         for s in samplers:
             view = s.iteration(i)
             for enc, mbs in view.encoder_microbatches.items():

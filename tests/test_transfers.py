@@ -27,12 +27,12 @@ import entrain.runtime.comm as comm
 from entrain.cost.batch import cost_batch
 from entrain.models.load import load_spec
 from entrain.program.iteration import IterationPlan
+from entrain.program.messages import EMBED_GRAD
 from entrain.program.order import Recv, comm_ops, step_program
-from entrain.program.transfers import edges, roles, sends, transfers_of
+from entrain.program.transfers import edges, roles, sends
 from entrain.runtime.comm import Mailbox, OutOfOrder, Transfer, TransferTimeout
 from entrain.runtime.emulate import plan_sample_inputs
 from entrain.runtime.engine import EncoderWorker, LLMWorker, StepStats
-from entrain.runtime.setup import item_locator
 from entrain.schedule import POLICIES, assign, replica_pool
 from entrain.schedule.parallel import ParallelPlan
 from entrain.workload.traces import generate_workload
@@ -63,6 +63,8 @@ class FakeNCCL:
         self.lock = threading.Lock()
         self.queues: dict = defaultdict(deque)
         self.local = threading.local()
+        self.carried: dict[tuple[int, int], list[int]] = defaultdict(list)
+        """(sender, receiver) -> bytes of each message the wire carried, in order."""
 
     def get_rank(self) -> int:
         return self.local.rank
@@ -106,6 +108,8 @@ class FakeNCCL:
                     )
                 else:
                     recv.copy_(send)
+                    pair = (me, peer) if kind == "send" else (peer, me)
+                    self.carried[pair].append(send.numel())
                 q.popleft()
                 other.popleft()
                 work.done.set()
@@ -154,7 +158,7 @@ def _plan(spec, policy: str, dp: int, pp: int, seed: int, lookahead=1, pool=None
     w = generate_workload("omni", B, seed=seed)
     batch = cost_batch(w, spec)
     asg = assign(policy, batch, dp, M, lookahead if policy == "entrain" else None, pool)
-    return IterationPlan.build(batch, asg, spec, pp, item_locator(w), copies=copies)
+    return IterationPlan.build(batch, asg, spec, pp, w, copies=copies)
 
 
 def receives_first(ops: list) -> list:
@@ -177,10 +181,12 @@ def run_threads(
     copies: dict[str, int] | None = None,
     strict: bool = True,
     order=comm_ops,
+    sent: dict | None = None,
 ):
     """Every rank's worker in a thread over FakeNCCL (`strict`: one queue per rank); the
     errors raised, by rank. `order` turns a rank's step program into what its Mailbox
-    issues."""
+    issues. `sent`, when given, gets each rank's Mailbox log (key, receiver, bytes) and,
+    under "wire", what the stand-in carried per pair."""
     names = [e.name for e in spec.encoders]
     plan = ParallelPlan(
         dp=dp,
@@ -211,7 +217,9 @@ def run_threads(
                 def encode(units):
                     return [weight * torch.ones(it.unit_rows[enc.name][u], width) for u in units]
 
-                EncoderWorker(role, trains[enc.name], encode).step(it, mail, StepStats())
+                EncoderWorker(role, trains[enc.name], encode).step(
+                    it, program[rank], mail, StepStats()
+                )
             else:
                 projectors = {
                     e.name: nn.Linear(e.encoder.hidden_size, spec.llm.hidden_size)
@@ -220,12 +228,16 @@ def run_threads(
                 }
                 stage = FakeStage(role.stage == pp - 1, spec.llm.hidden_size)
                 worker = LLMWorker(role, stage, lambda s: fake_sample(it, s), projectors, trains)
-                worker.step(it, mail, StepStats(), 1)
+                worker.step(it, program[rank], mail, StepStats(), 1)
             mail.flush()
+            if sent is not None:
+                sent[rank] = list(mail.sent)
         except BaseException as e:  # noqa: BLE001 - reported to the test
             errors[rank] = e
 
     _run_ranks(fake, rank_main, len(layout))
+    if sent is not None:
+        sent["wire"] = dict(fake.carried)
     return errors
 
 
@@ -303,9 +315,7 @@ def test_every_transfer_has_one_sender_and_one_receiver():
     assert len(keys) == len(set(keys))
     allowed = set(edges(layout, trains, 2))
     assert all((t.src, t.dst) in allowed for t in everything)
-    for rank in range(len(layout)):
-        mine = transfers_of(it, rank, layout, trains)
-        assert {t.key for t in mine} == {t.key for t in everything if rank in (t.src, t.dst)}
+    assert sorted(keys) == sorted(t.key for t in it.messages.transfers())
     # every unit's embedding goes out once, and (encoders train) its gradient comes back once
     for e in SPEC.encoders:
         sent = [u for t in everything if t.key[:2] == ("embed", e.name) for u in t.ids]
@@ -377,8 +387,10 @@ def test_a_microbatch_of_only_deferred_samples_runs(pp):
     from test_schedule import all_deferred
 
     w, batch, asg = all_deferred(SPEC)
-    it = IterationPlan.build(batch, asg, SPEC, pp, item_locator(w))
-    assert it.embed_sources(0, 3) and all(k == 0 for _, _, k, _ in it.embed_sources(0, 3))
+    it = IterationPlan.build(batch, asg, SPEC, pp, w)
+    table = it.messages  # microbatch 3 returns gradients to encoder microbatch 0 only
+    back = (table.kind == EMBED_GRAD) & (table.dest == 0) & (table.j == 3)
+    assert back.any() and (table.k[back] == 0).all()
     assert not run_threads(SPEC, it, 1, pp)
 
 

@@ -304,7 +304,8 @@ class RunConfig:
     """Replace the run already in --out (without it, a run there must be continued with
     --resume or left alone)."""
     trace: bool = False
-    """Write a Chrome/Perfetto trace of the last step."""
+    """Write a Chrome/Perfetto trace of the last step (trace.json) and the messages it sent
+    (messages.json: sender, receiver, key and bytes, each sender's in its order)."""
     tensorboard: bool = False
     """Also write TensorBoard event files next to metrics.jsonl (needs tensorboard)."""
     save_params: bool = False

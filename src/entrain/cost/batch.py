@@ -191,3 +191,26 @@ def cost_batch(workload: Workload, spec: ModelSpec, model: CostModel | None = No
         step_cost=dict(model.step),
         unit=model.unit,
     )
+
+
+def unit_locations(
+    enc, workload: Workload, table: UnitTable
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each unit of encoder `enc` comes from in `workload` (the batch `table` was
+    costed from): its modality, the item's index in its sample's list of that modality, and
+    which chunk of the item it is (a video's frame group, an audio clip's window; 0 for an
+    image). The one place that inverts cost_batch's numbering: it numbers an encoder's items
+    across its modalities in spec order, all items of one modality before the next, and
+    keeps the units of one item contiguous (one sample, sorted stably by sample), so a
+    unit's chunk is its distance from its item's first unit."""
+    names, local = [], []
+    for m in enc.modalities:
+        t = workload.items[m]
+        first_of_sample = np.searchsorted(t.sample, t.sample)  # (I,) first item of the owner
+        local.append(np.arange(len(t)) - first_of_sample)
+        names.append(np.full(len(t), m, dtype=object))
+    item_modality = np.concatenate(names) if names else np.zeros(0, object)
+    item_local = np.concatenate(local) if local else np.zeros(0, np.int64)
+    _, first_unit, inverse = np.unique(table.item, return_index=True, return_inverse=True)
+    chunk = np.arange(len(table)) - first_unit[inverse]
+    return item_modality[table.item], item_local[table.item], chunk

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Sampler
 
-from entrain.cost.batch import CostedBatch, UnitTable
+from entrain.cost.batch import CostedBatch, unit_locations
 from entrain.cost.flops import CostModel
 from entrain.cost.profile import load_profile
 from entrain.models.load import load_spec
@@ -140,27 +140,6 @@ def _check_args(
             f"max_deferred_tokens must be >= 0 (or None: no cap), got {max_deferred_tokens}"
         )
     check_order(order)
-
-
-def _unit_locations(
-    enc, w: Workload, table: UnitTable
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Modality, index in the sample's list of that modality, and chunk of every unit.
-
-    cost_batch numbers an encoder's items across its modalities in spec order, all items of
-    one modality before the next; the units of one item stay contiguous (one sample, sorted
-    stably by sample), so a unit's chunk is its distance from the item's first unit."""
-    names, local = [], []
-    for m in enc.modalities:
-        t = w.items[m]
-        first_of_sample = np.searchsorted(t.sample, t.sample)  # (I,) first item of the owner
-        local.append(np.arange(len(t)) - first_of_sample)
-        names.append(np.full(len(t), m, dtype=object))
-    item_modality = np.concatenate(names) if names else np.zeros(0, object)
-    item_local = np.concatenate(local) if local else np.zeros(0, np.int64)
-    _, first_unit, inverse = np.unique(table.item, return_index=True, return_inverse=True)
-    chunk = np.arange(len(table)) - first_unit[inverse]
-    return item_modality[table.item], item_local[table.item], chunk
 
 
 class EntrainBatchSampler(Sampler[list[int]]):
@@ -321,7 +300,7 @@ class EntrainBatchSampler(Sampler[list[int]]):
     def _encoder_view(self, enc, p: StepBatch, rank: int) -> list[list[EncoderUnit]]:
         """Per microbatch, the units of `enc` that `rank` computes, in unit order."""
         indices, asg, table = p.indices, p.asg, p.batch.units[enc.name]
-        modality, item, chunk = _unit_locations(enc, p.samples, table)
+        modality, item, chunk = unit_locations(enc, p.samples, table)
         out: list[list[EncoderUnit]] = [[] for _ in range(self.microbatches)]
         for u in np.flatnonzero(asg.unit_replica[enc.name] == rank).tolist():
             s = int(table.sample[u])

@@ -4,16 +4,16 @@ microbatch runs, and the loss normalizer. Plain Python and numpy, no communicati
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from entrain.cost.batch import CostedBatch
+from entrain.cost.batch import CostedBatch, unit_locations
 from entrain.models.spec import ModelSpec
-from entrain.program.messages import capacity
+from entrain.program.messages import MessageTable, message_table
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.copies import unit_copies
+from entrain.workload.columnar import Workload
 
 
 @dataclass
@@ -51,6 +51,11 @@ class IterationPlan:
     """Bytes of one value on the wire (4 for fp32 messages, 2 for bf16)."""
     unit_copy: dict[str, list[int]] = field(default_factory=dict)
     """Per encoder and unit: which of the encoder's copies in its replica encodes it."""
+    batch: CostedBatch | None = None
+    copies: dict[str, int] = field(default_factory=dict)
+    messages: MessageTable | None = None
+    """Every message of the step (program/messages.py): the transfers every rank holds the
+    step to, and what the simulator times."""
 
     @staticmethod
     def build(
@@ -58,25 +63,24 @@ class IterationPlan:
         asg: Assignment,
         spec: ModelSpec,
         llm_stages: int,
-        item_modality,
+        samples: Workload,
         value_bytes: int = 4,
         copies: dict[str, int] | None = None,
     ) -> IterationPlan:
-        """`copies`: encoders on several ranks per replica (ParallelPlan.encoder_dp); each of
-        their microbatches' units are split among the copies by the policy's rule."""
+        """`samples`: the step's samples, the workload `batch` was costed from. `copies`:
+        encoders on several ranks per replica (ParallelPlan.encoder_dp); each of their
+        microbatches' units are split among the copies by the policy's rule."""
         units: dict[str, list[UnitRef]] = {}
         prefix: list[list[tuple[str, int]]] = [[] for _ in range(batch.n_samples)]
         for enc in spec.encoders:
             table = batch.units[enc.name]
-            refs = []
-            first_unit_of_item: dict[int, int] = {}
-            for i, (s, item) in enumerate(zip(table.sample.tolist(), table.item.tolist())):
-                first_unit_of_item.setdefault(item, i)
-                modality, local = item_modality(enc, int(s), int(item))
-                refs.append(
-                    UnitRef(enc.name, i, int(s), modality, local, i - first_unit_of_item[item])
-                )
-                prefix[int(s)].append((enc.name, i))
+            modality, item, chunk = unit_locations(enc, samples, table)
+            refs = [
+                UnitRef(enc.name, i, s, str(m), int(x), int(c))
+                for i, (s, m, x, c) in enumerate(zip(table.sample.tolist(), modality, item, chunk))
+            ]
+            for ref in refs:
+                prefix[ref.sample].append((enc.name, ref.index))
             units[enc.name] = refs
         plan = IterationPlan(
             spec=spec,
@@ -93,6 +97,8 @@ class IterationPlan:
             },
             seq_rows=batch.llm_tokens.astype(int).tolist(),
             value_bytes=value_bytes,
+            batch=batch,
+            copies=dict(copies or {}),
         )
         for e, refs in units.items():
             for u in refs:
@@ -102,22 +108,17 @@ class IterationPlan:
             plan.llm_mb.setdefault((int(asg.sample_replica[s]), int(asg.sample_mb[s])), []).append(
                 s
             )
-        copies = copies or {}
         for e in units:  # the policy's own split (schedule/copies.py), as the simulator's
-            plan.unit_copy[e] = unit_copies(batch, asg, e, copies.get(e, 1)).tolist()
+            plan.unit_copy[e] = unit_copies(batch, asg, e, plan.copies.get(e, 1)).tolist()
+        plan.messages = plan.message_table()
         return plan
 
-    def embed_cap(self, encoder: str, units: list[int]) -> int:
-        """Bytes of a transfer of these units' embeddings (or their gradients), at most."""
-        enc = next(e for e in self.spec.encoders if e.name == encoder)
-        width = enc.encoder.hidden_size if enc.frozen else self.spec.llm.hidden_size
-        rows = [self.unit_rows[encoder][u] for u in units]
-        return capacity(len(units), rows, width, self.value_bytes)
-
-    def act_cap(self, samples: list[int]) -> int:
-        """Bytes of a transfer of these samples' activations (or their gradients), at most."""
-        rows = [self.seq_rows[s] for s in samples]
-        return capacity(len(samples), rows, self.spec.llm.hidden_size, self.value_bytes)
+    def message_table(self, width: int | None = None) -> MessageTable:
+        """The step's messages, `width` values a row (None: the model's widths; an emulated
+        run narrows them)."""
+        return message_table(
+            self.batch, self.asg, self.spec, self.llm_stages, self.copies, self.value_bytes, width
+        )
 
     def unit_dest(self, encoder: str, unit: int) -> tuple[int, int]:
         """(replica, LLM microbatch) of the sample the unit belongs to."""
@@ -129,39 +130,6 @@ class IterationPlan:
         owner = self.unit_copy.get(encoder)
         units = self.enc_mb.get((encoder, replica, mb), [])
         return units if not owner else [u for u in units if owner[u] == copy]
-
-    def sends_of(self, encoder: str, replica: int, mb: int, copy: int = 0) -> dict[int, list[int]]:
-        """Units `copy` encodes in encoder microbatch (replica, mb), grouped by the LLM
-        replica they feed."""
-        out: dict[int, list[int]] = defaultdict(list)
-        for u in self.copy_units(encoder, replica, mb, copy):
-            out[self.unit_dest(encoder, u)[0]].append(u)
-        return dict(out)
-
-    def grad_sources(
-        self, encoder: str, replica: int, mb: int, copy: int = 0
-    ) -> dict[tuple[int, int], list[int]]:
-        """Units `copy` encodes in encoder microbatch (replica, mb), grouped by the LLM
-        (replica, microbatch) that returns their gradients."""
-        out: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for u in self.copy_units(encoder, replica, mb, copy):
-            out[self.unit_dest(encoder, u)].append(u)
-        return dict(out)
-
-    def embed_sources(self, replica: int, mb: int) -> dict[tuple[str, int, int, int], list[int]]:
-        """For LLM microbatch (replica, mb): the encoder microbatches and copies
-        (encoder, replica, k, copy) holding its samples' units, with those units."""
-        out: dict[tuple[str, int, int, int], list[int]] = defaultdict(list)
-        for s in self.llm_mb.get((replica, mb), []):
-            for e, u in self.prefix[s]:
-                key = (
-                    e,
-                    int(self.asg.unit_replica[e][u]),
-                    int(self.asg.unit_mb[e][u]),
-                    self.unit_copy[e][u] if self.unit_copy.get(e) else 0,
-                )
-                out[key].append(u)
-        return dict(out)
 
     def need(self, encoder: str, replica: int) -> np.ndarray:
         """Last LLM microbatch fed by each encoder microbatch of this replica (-1: none)."""

@@ -28,20 +28,23 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from entrain.program.iteration import IterationPlan
-from entrain.program.messages import Transfer
-from entrain.program.transfers import Role, sends
-from entrain.schedule.pipeline import encoder_actions, one_f_one_b
+from entrain.program.messages import PASSES, Transfer
+from entrain.program.transfers import Role, action_list
 
 
 @dataclass(frozen=True)
 class Compute:
-    """A forward ("F") or backward ("B") of microbatch `mb` of the rank's module."""
+    """A forward ("F") or backward ("B") of microbatch `mb` of the rank's module; in a step
+    program, with the transfers it waits for and those it makes (what the engine receives
+    before it and sends after it)."""
 
     kind: str
     mb: int
+    needs: tuple[Transfer, ...] = field(default=(), compare=False, repr=False)
+    makes: tuple[Transfer, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -59,34 +62,7 @@ Op = Compute | Send | Recv
 
 def actions_of(it: IterationPlan, role: Role, trains: dict[str, bool]) -> list[Compute]:
     """The rank's computes in the order it runs them (schedule/pipeline.py's lists)."""
-    P, M = it.llm_stages, it.asg.microbatches
-    if role.module == "llm":
-        acts = one_f_one_b(P, role.stage, M)
-    else:
-        acts = encoder_actions(it.need(role.module, role.replica), P, trains[role.module])
-    return [Compute(kind, int(k)) for kind, k in acts]
-
-
-def _endpoints(
-    t: Transfer, first_use: dict[tuple, int]
-) -> tuple[tuple[int, str, int], tuple[int, str, int]]:
-    """(rank, kind, microbatch) of the compute that makes transfer `t` and of the one that
-    needs it; `first_use[(d, (e, r, k, c))]` is the first LLM microbatch of replica d that
-    uses encoder microbatch k of (e, r, c) (where the first stage takes its message)."""
-    kind = t.key[0]
-    if kind == "act":
-        _, r, s, j = t.key
-        return (t.src, "F", j), (t.dst, "F", j)
-    if kind == "act_grad":
-        _, r, s, j = t.key
-        return (t.src, "B", j), (t.dst, "B", j)
-    if kind == "embed":
-        _, e, r, k, d, c = t.key
-        return (t.src, "F", k), (t.dst, "F", first_use[d, (e, r, k, c)])
-    if kind == "embed_grad":
-        _, e, rs, k, d, j, c = t.key
-        return (t.src, "B", j), (t.dst, "B", k)
-    raise ValueError(f"unknown transfer kind {kind!r} in {t.key}")
+    return [Compute(kind, mb) for kind, mb in action_list(it, role, trains)]
 
 
 def step_program(
@@ -100,23 +76,20 @@ def step_program(
     computes this from the same plan gets the same lists."""
     dur = duration or (lambda rank, op: 1.0)
     n = len(layout)
-    first_use: dict[tuple, int] = {}
-    for d in range(it.asg.dp):
-        for j in range(it.asg.microbatches):  # LLM forwards run in microbatch order
-            for src in it.embed_sources(d, j):
-                first_use.setdefault((d, src), j)
-    computes = [actions_of(it, role, trains) for role in layout]
-    index = [{(c.kind, c.mb): i for i, c in enumerate(cs)} for cs in computes]
+    table = it.messages
+    if table.ranks.world != n:
+        raise ValueError(f"the step's messages are for {table.ranks.world} ranks, not {n}")
+    computes = [action_list(it, role, trains) for role in layout]
+    index = [{c: i for i, c in enumerate(cs)} for cs in computes]
     made_by: dict[tuple[int, int], list[Transfer]] = {}  # (rank, compute) -> its transfers
-    needs = [[0] * len(cs) for cs in computes]  # transfers each compute still waits for
-    needed_by: dict[str, tuple[int, int]] = {}
-    for role in layout:
-        for t in sends(it, role, layout, trains):
-            (src, fk, fm), (dst, tk, tm) = _endpoints(t, first_use)
-            made_by.setdefault((src, index[src][fk, fm]), []).append(t)
-            consumer = (dst, index[dst][tk, tm])
-            needs[consumer[0]][consumer[1]] += 1
-            needed_by[t.key] = consumer
+    wanted: dict[tuple[int, int], list[Transfer]] = {}  # (rank, compute) -> what it needs
+    for i, t in enumerate(table.transfers()):
+        make = index[t.src][PASSES[table.make[i, 0]], int(table.make[i, 1])]
+        need = index[t.dst][PASSES[table.need[i, 0]], int(table.need[i, 1])]
+        made_by.setdefault((t.src, make), []).append(t)
+        wanted.setdefault((t.dst, need), []).append(t)
+    needs = [[len(wanted.get((r, i), ())) for i in range(len(cs))] for r, cs in enumerate(computes)]
+    needed_by = {t.key: rank_op for rank_op, ts in wanted.items() for t in ts}
 
     program: list[list[Op]] = [[] for _ in range(n)]
     nxt = [0] * n  # each rank's next compute
@@ -129,7 +102,8 @@ def step_program(
         i = nxt[rank]
         if busy[rank] or i >= len(computes[rank]) or needs[rank][i]:
             return
-        op = computes[rank][i]
+        kind, mb = computes[rank][i]
+        op = Compute(kind, mb, tuple(wanted.get((rank, i), ())), tuple(made_by.get((rank, i), ())))
         program[rank].append(op)
         busy[rank] = True
         heapq.heappush(events, (now + dur(rank, op), seq, rank))

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from entrain.program.iteration import IterationPlan
-from entrain.program.messages import Transfer
+from entrain.program.messages import PASSES, Transfer
 from entrain.schedule.parallel import ParallelPlan
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
 
@@ -35,6 +37,12 @@ class Role:
         """The module group: every copy and replica of a module shares it (and sums
         gradients in it)."""
         return self.module if self.module != "llm" else f"llm.s{self.stage}"
+
+    def device(self, copies: int = 1) -> str:
+        """The rank's name in metrics, traces and the simulator ("llm.s1/r0", "vision/r2",
+        "vision.c1/r2" when the encoder has `copies` > 1 per replica)."""
+        group = f"{self.name}.c{self.copy}" if copies > 1 else self.name
+        return f"{group}/r{self.replica}"
 
 
 def roles(plan: ParallelPlan, encoders: list[str]) -> list[Role]:
@@ -103,82 +111,28 @@ def edges(layout: list[Role], trains: dict[str, bool], block: int) -> list[tuple
     ]
 
 
+def action_list(it: IterationPlan, role: Role, trains: dict[str, bool]) -> list[tuple[str, int]]:
+    """The role's (pass, microbatch) computes in the order it runs them (schedule/pipeline.py:
+    1F1B on an LLM stage; an encoder's forwards ahead, its backwards as gradients return)."""
+    P = it.llm_stages
+    if role.module == "llm":
+        return [(kind, int(k)) for kind, k in one_f_one_b(P, role.stage, it.asg.microbatches)]
+    need = it.need(role.module, role.replica)
+    return [(kind, int(k)) for kind, k in encoder_actions(need, P, trains[role.module])]
+
+
 def sends(
     it: IterationPlan, role: Role, layout: list[Role], trains: dict[str, bool]
 ) -> list[Transfer]:
-    """The transfers `role` sends in the iteration, in the order it sends them."""
-    rank = {r: i for i, r in enumerate(layout)}
-    me = rank[role]
-    P, M = it.llm_stages, it.asg.microbatches
-    out: list[Transfer] = []
-    if role.module != "llm":
-        e, r, c = role.module, role.replica, role.copy
-        for kind, k in encoder_actions(it.need(e, r), P, trains[e]):
-            if kind != "F":
-                continue
-            for d, us in it.sends_of(e, r, k, c).items():
-                out.append(
-                    Transfer(
-                        embed_key(e, r, k, d, c),
-                        me,
-                        rank[Role("llm", d, 0)],
-                        tuple(us),
-                        it.embed_cap(e, us),
-                        f"{e} embeddings of encoder microbatch {k} (replica {r}, copy {c})",
-                    )
-                )
-        return out
-    r, s = role.replica, role.stage
-    for kind, j in one_f_one_b(P, s, M):
-        samples = tuple(it.llm_mb.get((r, j), []))
-        if kind == "F" and s < P - 1:
-            out.append(
-                Transfer(
-                    act_key(r, s, j),
-                    me,
-                    rank[Role("llm", r, s + 1)],
-                    samples,
-                    it.act_cap(list(samples)),
-                    f"activations of LLM microbatch {j} from stage {s}",
-                )
-            )
-        elif kind == "B" and s > 0:
-            out.append(
-                Transfer(
-                    act_grad_key(r, s, j),
-                    me,
-                    rank[Role("llm", r, s - 1)],
-                    samples,
-                    it.act_cap(list(samples)),
-                    f"activation gradients of LLM microbatch {j} from stage {s}",
-                )
-            )
-        elif kind == "B":
-            for (e, rs, k, c), us in it.embed_sources(r, j).items():
-                if trains[e]:
-                    out.append(
-                        Transfer(
-                            embed_grad_key(e, rs, k, r, j, c),
-                            me,
-                            rank[Role(e, rs, copy=c)],
-                            tuple(us),
-                            it.embed_cap(e, us),
-                            f"gradients of {e} microbatch {k} (replica {rs}, copy {c}) "
-                            f"from LLM microbatch {j} (replica {r})",
-                        )
-                    )
-    return out
-
-
-def transfers_of(
-    it: IterationPlan, rank: int, layout: list[Role], trains: dict[str, bool]
-) -> list[Transfer]:
-    """The iteration's transfers that start or end at `rank`, each sender's in its order.
-    Only ranks that can send here are worked out (all replicas count as one block: the
-    plan, not the channels, says where units went)."""
-    me = layout[rank]
-    mine = sends(it, me, layout, trains)
-    for other in layout:
-        if other != me and feeds(other, me, trains, it.asg.dp):
-            mine += [t for t in sends(it, other, layout, trains) if t.dst == rank]
-    return mine
+    """The transfers `role` sends in the step, in the order it makes them (its computes'
+    order; a compute's in the table's order)."""
+    table = it.messages
+    if table.ranks.world != len(layout):
+        raise ValueError(
+            f"the step's messages are for {table.ranks.world} ranks, not {len(layout)}"
+        )
+    me = layout.index(role)
+    position = {a: i for i, a in enumerate(action_list(it, role, trains))}
+    rows = np.flatnonzero(table.src == me).tolist()
+    rows.sort(key=lambda i: position[PASSES[table.make[i, 0]], int(table.make[i, 1])])
+    return [table.transfer(i) for i in rows]

@@ -147,6 +147,8 @@ class Mailbox:
     """Where messages travel from (None: `device`); the CPU when ranks share a GPU."""
     dtype: torch.dtype = torch.float32
     """The values' dtype on the wire (bf16 under bf16 training)."""
+    sent: list = field(default_factory=list)
+    """(key, receiver, bytes) of every message sent since `begin`, in order."""
 
     def __post_init__(self) -> None:
         self.wire = self.device if self.wire is None else self.wire
@@ -157,6 +159,7 @@ class Mailbox:
         when it is their receiver), in the order given."""
         rank = dist.get_rank()
         self._queue, self._in_by_key, self._out_by_key = deque(), {}, {}
+        self.sent = []
         for op in ops:
             t = getattr(op, "transfer", op)
             if rank not in (t.src, t.dst):
@@ -203,6 +206,7 @@ class Mailbox:
             )
         group = self.groups.get((t.src, t.dst))
         self.pending.append((msg, t, dist.isend(msg, t.dst, group=group)))
+        self.sent.append((t.key, t.dst, msg.numel()))
         self._post_receives()
 
     def expect(self, key: tuple) -> None:

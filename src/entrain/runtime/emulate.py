@@ -43,7 +43,6 @@ from entrain.cost.emulated import emulated_device, is_emulated
 from entrain.data.sequence import Span
 from entrain.models.spec import ModelSpec
 from entrain.program.iteration import IterationPlan
-from entrain.program.messages import capacity
 from entrain.program.transfers import Role
 from entrain.runtime.engine import EncoderWorker, LLMWorker
 from entrain.runtime.setup import SampleInputs, Step, TrainConfig
@@ -107,15 +106,8 @@ class EmulatedPlan(IterationPlan):
     @staticmethod
     def of(plan: IterationPlan, seconds: OpSeconds, width: int = WIDTH) -> EmulatedPlan:
         fields = {f.name: getattr(plan, f.name) for f in dataclasses.fields(IterationPlan)}
+        fields["messages"] = plan.message_table(width)
         return EmulatedPlan(**fields, width=width, seconds=seconds)
-
-    def embed_cap(self, encoder: str, units: list[int]) -> int:
-        rows = [self.unit_rows[encoder][u] for u in units]
-        return capacity(len(units), rows, self.width, self.value_bytes)
-
-    def act_cap(self, samples: list[int]) -> int:
-        rows = [self.seq_rows[s] for s in samples]
-        return capacity(len(samples), rows, self.width, self.value_bytes)
 
 
 # ------------------------------------------------------------------------------ the data
@@ -171,8 +163,8 @@ class EmulatedEncoderWorker(EncoderWorker):
     """An encoder rank that sleeps its module's all-reduce and optimizer step after its
     step's last backward."""
 
-    def step(self, it: EmulatedPlan, mail, stats, before_last_backward=None) -> None:
-        super().step(it, mail, stats, before_last_backward)
+    def step(self, it: EmulatedPlan, program, mail, stats, before_last_backward=None) -> None:
+        super().step(it, program, mail, stats, before_last_backward)
         _sleep(it.seconds.after_backward(self.role.module))
 
 
@@ -180,8 +172,8 @@ class EmulatedLLMWorker(LLMWorker):
     """An LLM stage rank that sleeps the LLM's all-reduce and optimizer step after its
     step's last backward."""
 
-    def step(self, it: EmulatedPlan, mail, stats, loss_tokens, before_last_backward=None):
-        total = super().step(it, mail, stats, loss_tokens, before_last_backward)
+    def step(self, it: EmulatedPlan, program, mail, stats, loss_tokens, before_last_backward=None):
+        total = super().step(it, program, mail, stats, loss_tokens, before_last_backward)
         _sleep(it.seconds.after_backward("llm"))
         return total
 

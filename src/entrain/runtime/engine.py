@@ -1,8 +1,10 @@
 """One training iteration on one rank: an encoder or an LLM pipeline stage of one replica.
 
-Both roles run their computes in the step program's order (program/order.py: the pipeline
-action lists the simulator replays too) and leave the order of their sends and receives to
-the Mailbox, which issues them in the program's global order. An encoder runs its
+Both roles run their rank's list of the step program (program/order.py): its computes in
+order (the pipeline action lists the simulator replays too), each after taking the
+transfers the list says it needs and followed by sending those it makes; which message
+carries what is the step's message table's (program/messages.py), never worked out here.
+The Mailbox issues the sends and receives in the program's global order. An encoder runs its
 microbatches' forwards, sends each unit's embedding to the first LLM stage of the replica
 that owns the sample, and runs a microbatch's backward once the gradients of all its units
 are back. LLM stages run 1F1B; the first stage waits for the
@@ -19,8 +21,8 @@ import torch
 from torch import nn
 
 from entrain.program.iteration import IterationPlan
-from entrain.program.order import actions_of
-from entrain.program.transfers import Role, act_grad_key, act_key, embed_grad_key, embed_key
+from entrain.program.order import Compute, Op
+from entrain.program.transfers import Role
 from entrain.runtime.comm import Mailbox
 from entrain.runtime.device import sync
 from entrain.runtime.modules import LLMStage
@@ -62,31 +64,35 @@ class EncoderWorker:
     def step(
         self,
         it: IterationPlan,
+        program: list[Op],
         mail: Mailbox,
         stats: StepStats,
         before_last_backward: Callable[[], None] | None = None,
     ) -> None:
+        """Run this rank's computes of the step program, each after taking the transfers it
+        needs, and send what each makes."""
         e, r, c = self.role.module, self.role.replica, self.role.copy
         outputs: dict[int, list[torch.Tensor]] = {}
-        actions = [(a.kind, a.mb) for a in actions_of(it, self.role, {e: self.trains})]
-        last_b = max((i for i, (kind, _) in enumerate(actions) if kind == "B"), default=-1)
-        for i, (kind, k) in enumerate(actions):
+        computes = [op for op in program if isinstance(op, Compute)]
+        last_b = max((i for i, op in enumerate(computes) if op.kind == "B"), default=-1)
+        for i, op in enumerate(computes):
             if i == last_b and before_last_backward:
                 before_last_backward()
+            k = op.mb
             units = it.copy_units(e, r, k, c)
             t0 = time.perf_counter()
-            if kind == "F":
+            if op.kind == "F":
                 with torch.set_grad_enabled(self.trains):
                     embs = self.encode(units) if units else []
                 by_unit = dict(zip(units, embs))
                 outputs[k] = embs
                 stats.timed(f"F{k}", t0)
-                for dest, us in it.sends_of(e, r, k, c).items():
-                    mail.send(embed_key(e, r, k, dest, c), [by_unit[u] for u in us])
+                for t in op.makes:  # one message per LLM replica its units feed
+                    mail.send(t.key, [by_unit[u] for u in t.ids])
             else:
                 grads: dict[int, torch.Tensor] = {}
-                for dest, j in it.grad_sources(e, r, k, c):
-                    meta, tensors = mail.recv(embed_grad_key(e, r, k, dest, j, c))
+                for t in op.needs:  # one message per LLM microbatch that used its units
+                    meta, tensors = mail.recv(t.key)
                     grads.update(zip(meta, tensors))
                 t0 = time.perf_counter()
                 if units:
@@ -126,45 +132,45 @@ class LLMWorker:
     def step(
         self,
         it: IterationPlan,
+        program: list[Op],
         mail: Mailbox,
         stats: StepStats,
         loss_tokens: int,
         before_last_backward: Callable[[], None] | None = None,
     ) -> float:
+        """Run this rank's computes of the step program (1F1B), each after taking the
+        transfers it needs, and send what each makes; the step's summed loss (last stage)."""
         r, s = self.role.replica, self.role.stage
         received: dict[tuple[str, int], torch.Tensor] = {}
-        got: set = set()
         inputs: dict[int, list[torch.Tensor]] = {}
         outs: dict[int, list[torch.Tensor]] = {}
         losses: dict[int, torch.Tensor] = {}
         total = 0.0
-        actions = [(a.kind, a.mb) for a in actions_of(it, self.role, self.encoder_trains)]
-        last_b = max(i for i, (kind, _) in enumerate(actions) if kind == "B")
-        for i, (kind, j) in enumerate(actions):
+        computes = [op for op in program if isinstance(op, Compute)]
+        last_b = max(i for i, op in enumerate(computes) if op.kind == "B")
+        for i, op in enumerate(computes):
             if i == last_b and before_last_backward:
                 before_last_backward()  # gradients become final in this backward
+            j = op.mb
             samples = it.llm_mb.get((r, j), [])
-            if kind == "F":
-                if s == 0:
-                    for src in it.embed_sources(r, j):
-                        if src not in got:
-                            e, rs, k, c = src
-                            meta, tensors = mail.recv(embed_key(e, rs, k, r, c))
-                            for u, t in zip(meta, tensors):
-                                received[(e, u)] = t.requires_grad_(self.encoder_trains[e])
-                            got.add(src)
-                    # deferral, measured: embeddings here for a later microbatch than this one
+            if op.kind == "F":
+                xs = None
+                for t in op.needs:  # stage 0: embeddings, each from the first that uses it
+                    meta, tensors = mail.recv(t.key)
+                    if s > 0:
+                        xs = [x.requires_grad_(True) for x in tensors]
+                        continue
+                    e = t.key[1]
+                    for u, x in zip(meta, tensors):
+                        received[(e, u)] = x.requires_grad_(self.encoder_trains[e])
+                if s == 0:  # deferral, measured: embeddings here for a later microbatch
                     later = sum(
-                        t.shape[0] for (e, u), t in received.items() if it.unit_dest(e, u)[1] > j
+                        x.shape[0] for (e, u), x in received.items() if it.unit_dest(e, u)[1] > j
                     )
                     stats.peak_deferred = max(stats.peak_deferred, later)
-                    xs = None
-                else:
-                    _, xs = mail.recv(act_key(r, s - 1, j))
-                    xs = [x.requires_grad_(True) for x in xs]
                 t0 = time.perf_counter()
                 hidden_in, hidden_out, loss = [], [], None
-                for i, smp in enumerate(samples):
+                for n, smp in enumerate(samples):
                     inp = self.sample(smp)
                     if s == 0:
                         items = span_items(
@@ -172,8 +178,8 @@ class LLMWorker:
                         )
                         h = self.stage.embed_sample(inp.ids, inp.spans, items)
                     else:
-                        h = xs[i].unsqueeze(0)
-                        hidden_in.append(xs[i])
+                        h = xs[n].unsqueeze(0)
+                        hidden_in.append(xs[n])
                     h = self.stage(h, inp.positions)
                     if self.stage.last:
                         lo = self.stage.loss(h, inp.labels) / loss_tokens
@@ -185,36 +191,32 @@ class LLMWorker:
                     losses[j] = loss
                     total += float(loss.detach()) * loss_tokens
                 stats.timed(f"F{j}", t0)
-                if not self.stage.last:
-                    mail.send(act_key(r, s, j), hidden_out)
+                for t in op.makes:  # the activations, to the next stage
+                    mail.send(t.key, hidden_out)
             else:
+                grads = None
+                for t in op.needs:  # the next stage's activation gradients
+                    _, grads = mail.recv(t.key)
+                t0 = time.perf_counter()
                 if self.stage.last:
-                    t0 = time.perf_counter()
                     if j in losses:
                         losses.pop(j).backward()
-                else:
-                    _, grads = mail.recv(act_grad_key(r, s + 1, j))
-                    t0 = time.perf_counter()
-                    if outs[j]:
-                        torch.autograd.backward(outs[j], grads)
+                elif outs[j]:
+                    torch.autograd.backward(outs[j], grads)
                 outs.pop(j, None)
                 stats.timed(f"B{j}", t0)
-                if s > 0:
-                    mail.send(act_grad_key(r, s, j), [_grad(x) for x in inputs.pop(j)])
-                else:
-                    self._return_embedding_grads(it, r, j, received, mail)
+                for t in op.makes:  # to the stage before, or each trained encoder's units
+                    if t.key[0] == "act_grad":
+                        mail.send(t.key, [_grad(x) for x in inputs[j]])
+                    else:
+                        e = t.key[1]
+                        mail.send(t.key, [_grad(received[(e, u)]) for u in t.ids])
+                inputs.pop(j, None)
+                for smp in samples if s == 0 else ():  # their embeddings are done with
+                    for e, u in it.prefix[smp]:
+                        received.pop((e, u), None)
         return total
 
     def _embedding(self, e: str, u: int, received: dict) -> torch.Tensor:
         x = received[(e, u)]
         return self.projectors[e](x) if e in self.projectors else x
-
-    def _return_embedding_grads(
-        self, it: IterationPlan, r: int, j: int, received: dict, mail: Mailbox
-    ) -> None:
-        for (e, rs, k, c), us in it.embed_sources(r, j).items():
-            if not self.encoder_trains[e]:
-                continue
-            mail.send(embed_grad_key(e, rs, k, r, j, c), [_grad(received[(e, u)]) for u in us])
-            for u in us:
-                received.pop((e, u), None)

@@ -165,22 +165,6 @@ class SampleInputs:
     spans: tuple
 
 
-def item_locator(workload: Workload):
-    """(encoder, sample, item id as numbered by cost_batch) -> (modality, index in the sample)."""
-
-    def locate(enc, sample: int, item: int) -> tuple[str, int]:
-        base = 0
-        for m in enc.modalities:
-            t = workload.items[m]
-            if item < base + len(t):
-                p = item - base
-                return m, int(p - np.searchsorted(t.sample, t.sample[p]))
-            base += len(t)
-        raise AssertionError("item outside the encoder's modalities")
-
-    return locate
-
-
 @dataclass
 class Step:
     """One global batch: its samples, costs, assignment and the per-rank plan."""
@@ -204,7 +188,7 @@ def make_step(
     wire, which sizes the transfers)."""
     sb = cfg.step_recipe(data.spec, cost_model).step(data.workload, step)
     plan = IterationPlan.build(
-        sb.batch, sb.asg, data.spec, llm_stages, item_locator(sb.samples), value_bytes, copies
+        sb.batch, sb.asg, data.spec, llm_stages, sb.samples, value_bytes, copies
     )
     return Step(sb.indices, sb.batch, sb.asg, plan)
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from entrain.config import recompute_of
 from entrain.cost.batch import CostedBatch, cost_batch
-from entrain.program.order import Recv, Send, comm_ops, step_program
+from entrain.program.order import Op, comm_ops, step_program
 from entrain.program.transfers import edges, roles
 from entrain.runlog import read_log
 from entrain.runtime import checkpoint
@@ -81,8 +81,8 @@ from entrain.workload.manifest import read_manifest
 @dataclass
 class Prepared:
     step: Step
-    transfers: list[Send | Recv]
-    """This rank's communication in the step program's order."""
+    program: list[Op]
+    """This rank's list of the step program: its computes and communication, in order."""
     loss_tokens: int
     seconds: float
     """How long preparing it took."""
@@ -273,7 +273,7 @@ class Trainer:
         )
         return Prepared(
             st,
-            comm_ops(step_program(st.plan, self.roles, self.trains)[self.rank]),
+            step_program(st.plan, self.roles, self.trains)[self.rank],
             loss_tokens(self.data, st.indices),
             time.perf_counter() - t0,
             model_flops(flops_batch),
@@ -286,7 +286,7 @@ class Trainer:
         self.current = st = prepared.step
         norm = prepared.loss_tokens
         stats = StepStats()
-        self.mail.begin(prepared.transfers)
+        self.mail.begin(comm_ops(prepared.program))
         dist.barrier()  # (the previous step's closing barrier left every rank starting together)
         _inject_fault(step, self.rank)
         t0 = time.perf_counter()
@@ -296,9 +296,9 @@ class Trainer:
         # not once per microbatch in flight (every cast would live until that backward)
         with self.compute():
             if isinstance(self.worker, EncoderWorker):
-                self.worker.step(st.plan, self.mail, stats, arm)
+                self.worker.step(st.plan, prepared.program, self.mail, stats, arm)
             else:
-                loss = self.worker.step(st.plan, self.mail, stats, norm, arm)
+                loss = self.worker.step(st.plan, prepared.program, self.mail, stats, norm, arm)
         self.mail.flush()
         data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
@@ -320,8 +320,12 @@ class Trainer:
         dist.all_gather_object(
             busy,
             (
-                self.role.name,
-                self.role.replica,
+                self.role.device(self.plan.encoder_dp.get(self.role.module, 1)),
+                (
+                    len(self.mail.sent),
+                    sum(n for _, _, n in self.mail.sent),
+                    self.mail.sent if self.cfg.trace and step == self.cfg.steps - 1 else None,
+                ),
                 stats.busy,
                 [(lab, a - t0, b - t0) for lab, a, b in stats.events],
                 stats.peak_deferred,
@@ -347,16 +351,22 @@ class Trainer:
             "lr": lr,
             "model_tflops": prepared.flops / wall / 1e12,
             "mfu": prepared.flops / wall / (peak * self.world) if peak else None,
-            "optimizer_state_mb": {f"{b[0]}/r{b[1]}": b[7] / 2**20 for b in busy},
-            "peak_gpu_mb": {f"{b[0]}/r{b[1]}": b[8] for b in busy}
-            if self.device.type == "cuda"
-            else None,
+            "optimizer_state_mb": {b[0]: b[7] / 2**20 for b in busy},
+            "peak_gpu_mb": {b[0]: b[8] for b in busy} if self.device.type == "cuda" else None,
             "data_wait": max(x[5] for x in busy),
-            "busy": {f"{b[0]}/r{b[1]}": b[2] for b in busy},
-            "idle": {f"{b[0]}/r{b[1]}": wall - plan_wait - b[2] for b in busy},
+            "busy": {b[0]: b[2] for b in busy},
+            "idle": {b[0]: wall - plan_wait - b[2] for b in busy},
             "peak_deferred_tokens": max(b[4] for b in busy),
-            "peak_rss_mb": {f"{b[0]}/r{b[1]}": round(b[6], 1) for b in busy},
-            "_events": [(f"{b[0]}/r{b[1]}", lab, a, c) for b in busy for lab, a, c in b[3]],
+            "peak_rss_mb": {b[0]: round(b[6], 1) for b in busy},
+            "precision": self.precision,
+            "p2p_messages": sum(b[1][0] for b in busy),
+            "p2p_mb": sum(b[1][1] for b in busy) / 2**20,
+            "_events": [(b[0], lab, a, c) for b in busy for lab, a, c in b[3]],
+            "_messages": [
+                {"src": rank, "dst": dst, "key": list(key), "bytes": n}
+                for rank, b in enumerate(busy)
+                for key, dst, n in b[1][2] or ()
+            ],
             "_samples": [self.data.records[int(i)].id for i in st.indices],
         }
 
@@ -724,6 +734,7 @@ def _run(
             else:
                 m = trainer.step(step, ahead)
             events = m.pop("_events")
+            messages = m.pop("_messages")
             consumed = m.pop("_samples")
             history.append(m)
             if logs:
@@ -741,6 +752,8 @@ def _run(
                 )
             if out and rank == 0 and cfg.trace and on_trace and step == cfg.steps - 1:
                 on_trace(events, out / "trace.json", f"entrain train ({cfg.policy})")
+                # the step's messages, each sender's in its order: what the simulator times
+                (out / "messages.json").write_text(json.dumps(messages), encoding="utf-8")
             if step + 1 < cfg.steps and (signum := stop.agreed()):
                 if bar:
                     bar[0].stop()

@@ -122,10 +122,12 @@ class RunReplayer:
 
     def simulate(self, step: int, record_events: bool = False) -> SimResult:
         """Step `step` as the run built it (its step recipe, balanced by the run's own cost
-        model), timed by the replay's profile."""
+        model), timed by the replay's profile, its messages of the run's wire dtype."""
         sb = self.recipe.step(self.workload, step)
         timed = self.recipe.replace(cost_model=self.timing).cost(sb.samples)
-        res = simulate(timed, sb.asg, self.spec, self.plan, self.hw, record_events=record_events)
+        row = next((r for r in self.rows if r["step"] == step), {})
+        wire = 2 if row.get("precision") == "bf16" else 4  # fp32 messages unless bf16
+        res = simulate(timed, sb.asg, self.spec, self.plan, self.hw, record_events, wire)
         return res.scaled(self.scale) if self.scale != 1.0 else res
 
 

@@ -9,11 +9,13 @@ the device is free and every input has arrived:
 - LLM stage s > 0 forward needs stage s-1's forward and the activation transfer;
 - a backward needs the next stage's backward and the gradient transfer; an encoder's
   backward needs the gradients of every LLM microbatch that used its units.
-Deferral is therefore waiting, not magic. Transfers are what the runtime sends: one message
-of embeddings per (encoder microbatch, LLM replica), taken by the first LLM microbatch that
-needs it; gradients per (encoder microbatch, LLM microbatch); activations per microbatch and
-stage. A transfer delays its receiver, or, where receives are blocking (gloo on CPU), it is
-part of the receiver's busy time. After the last backward of a module, its gradients
+Deferral is therefore waiting, not magic. Every copy of an encoder is a device of its own.
+The transfers are the runtime's, read from the same table (program/messages.py): one message
+of embeddings per (encoder microbatch, copy, LLM replica), taken by the first LLM microbatch
+that needs it; gradients per (encoder microbatch, copy, LLM microbatch); activations per
+microbatch and stage; each of its exact bytes on the wire (headers and slack rows included).
+A transfer delays its receiver, or, where receives are blocking (gloo on CPU), it is part
+of the receiver's busy time. After the last backward of a module, its gradients
 are all-reduced across replicas (ring). The whole iteration is a longest path in a DAG,
 computed in one topological pass.
 """
@@ -29,11 +31,13 @@ import numpy as np
 from entrain.cost.batch import CostedBatch
 from entrain.cost.hardware import Hardware
 from entrain.models.spec import ModelSpec
+from entrain.program.messages import ACT, MessageTable, message_table
+from entrain.program.transfers import Role
 from entrain.schedule.assignment import Assignment
 from entrain.schedule.metrics import deferred_tokens
 from entrain.schedule.parallel import ParallelPlan
 from entrain.schedule.pipeline import encoder_actions, one_f_one_b
-from entrain.sim.durations import bin_sum, op_seconds
+from entrain.sim.durations import op_seconds
 
 
 @dataclass
@@ -52,6 +56,8 @@ class SimResult:
     tokens: int
     events: list[tuple[str, str, float, float]] = field(default_factory=list)
     """(device, action, start, end) of every action, when recorded."""
+    messages: MessageTable | None = None
+    """The messages it timed (the runtime's, program/messages.py)."""
 
     @property
     def samples_per_s(self) -> float:
@@ -138,108 +144,82 @@ def simulate(
     plan: ParallelPlan,
     hw: Hardware,
     record_events: bool = False,
+    value_bytes: int | None = None,
 ) -> SimResult:
-    """Simulate one iteration of `asg` under `plan` on `hw`, in the batch's own cost unit."""
+    """Simulate one iteration of `asg` under `plan` on `hw`, in the batch's own cost unit.
+    `value_bytes`: of a value on the wire (default the hardware's; a replayed run's own wire
+    dtype, so the messages timed are the ones it sent)."""
     D, M, P = asg.dp, asg.microbatches, plan.llm_pp
     if (plan.dp, plan.microbatches) != (D, M):
         raise ValueError(
             f"assignment is D={D}, M={M} but the plan is D={plan.dp}, M={plan.microbatches}"
         )
     plan.check_modules(tuple(batch.units))
-    B = D * M
     ops = op_seconds(batch, asg, spec, plan, hw)  # every compute's duration (sim/durations.py)
-    same_node = plan.gpus_per_replica <= hw.gpus_per_node
-    link = hw.link(same_node)
-    value_bytes = hw.bytes_per_value
+    table = message_table(
+        batch, asg, spec, P, plan.encoder_dp, value_bytes or hw.bytes_per_value
+    )  # every message, as the runtime derives them (program/messages.py)
+    ranks = table.ranks
     g = _Graph()
-    names: list[str] = []
-    gpus: list[int] = []
+    names = [""] * ranks.world
+    gpus = [0] * ranks.world
+    node = np.full((ranks.world, 2, M), -1, dtype=np.int64)  # (device, pass, microbatch)
 
-    def device(name: str, n_gpus: int) -> int:
-        names.append(name)
-        gpus.append(n_gpus)
-        return len(names) - 1
+    def chain(dev: int, actions, seconds: tuple[np.ndarray, np.ndarray]) -> None:
+        """The device's action list as nodes, each after the one before."""
+        prev = None
+        for kind, k in actions:
+            b = int(kind == "B")
+            n = g.node(dev, float(seconds[b][k]), f"{kind}{k}")
+            node[dev, b, k] = n
+            if prev is not None:
+                g.edge(prev, n)
+            prev = n
 
     # ---- LLM stages: 1F1B per replica
-    llm_bin = asg.llm_bin()
-    tok_bin = bin_sum(llm_bin, batch.llm_tokens.astype(np.float64), B)
-    f_llm, b_llm = ops.llm_fwd, ops.llm_bwd
-    act_lat = tok_bin * spec.llm.hidden_size * value_bytes / plan.llm_tp / link + hw.latency
-    F = np.zeros((P, B), dtype=np.int64)  # node id of forward of stage s, bin j
-    Bk = np.zeros((P, B), dtype=np.int64)
     for r in range(D):
+        rows = slice(r * M, (r + 1) * M)
         for s in range(P):
-            dev = device(f"llm.s{s}/r{r}", plan.llm_tp)
-            prev = None
-            for kind, k in one_f_one_b(P, s, M):
-                j = r * M + k
-                dur = f_llm[j] if kind == "F" else b_llm[j]
-                node = g.node(dev, float(dur), f"{kind}{k}")
-                (F if kind == "F" else Bk)[s, j] = node
-                if prev is not None:
-                    g.edge(prev, node)
-                prev = node
-    for j in range(B):
-        for s in range(1, P):
-            g.transfer(int(F[s - 1, j]), int(F[s, j]), float(act_lat[j]), hw)
-            g.transfer(int(Bk[s, j]), int(Bk[s - 1, j]), float(act_lat[j]), hw)
-        g.edge(int(F[P - 1, j]), int(Bk[P - 1, j]))
+            dev = ranks.llm(r, s)
+            names[dev], gpus[dev] = Role("llm", r, s).device(), plan.llm_tp
+            chain(dev, one_f_one_b(P, s, M), (ops.llm_fwd[rows], ops.llm_bwd[rows]))
+    finish_groups = {"llm": node[[ranks.llm(r) for r in range(D)], 1].ravel()}
 
-    # ---- encoders: decoupled microbatches feeding LLM stage 0 of any replica
-    finish_groups: dict[str, list[int]] = {"llm": [int(x) for x in Bk[0]]}
-    for enc in spec.encoders:
+    # ---- encoders: every copy its own device, its microbatches feeding LLM stage 0
+    for ei, enc in enumerate(spec.encoders):
         u = batch.units[enc.name]
-        tp, copies = plan.encoder_tp[enc.name], plan.encoder_dp.get(enc.name, 1)
-        ebin = asg.unit_bin(enc.name)
-        # the device is the encoder's copies together: a microbatch ends with its busiest copy
-        f_enc, b_enc = ops.enc_fwd[enc.name].max(axis=1), ops.enc_bwd[enc.name].max(axis=1)
-        trains = bool(u.bwd.sum() > 0) or not enc.frozen
-        # LLM microbatch of each unit's sample; the last one each encoder bin feeds
-        ubin = llm_bin[u.sample]
-        need = np.full(B, -1, dtype=np.int64)
-        np.maximum.at(need, ebin, asg.sample_mb[u.sample])
-        eF = np.zeros(B, dtype=np.int64)
-        eB = np.full(B, -1, dtype=np.int64)
+        tp, copies = plan.encoder_tp[enc.name], ranks.copies[ei]
+        trains = not enc.frozen
+        # the last LLM microbatch each encoder microbatch feeds (when its backward can run)
+        need = np.full(D * M, -1, dtype=np.int64)
+        np.maximum.at(need, asg.unit_bin(enc.name), asg.sample_mb[u.sample])
+        devs = []
         for r in range(D):
-            dev = device(f"{enc.name}/r{r}", tp * copies)
-            prev = None
-            for kind, k in encoder_actions(need[r * M : (r + 1) * M], P, trains):
-                j = r * M + k
-                node = g.node(dev, float(f_enc[j] if kind == "F" else b_enc[j]), f"{kind}{k}")
-                (eF if kind == "F" else eB)[j] = node
-                if prev is not None:
-                    g.edge(prev, node)
-                prev = node
-        # a trained encoder sends LLM-width embeddings; a frozen one its trunk's states
-        values = (
-            u.llm_tokens * spec.llm.hidden_size if trains else u.tokens * enc.encoder.hidden_size
-        ).astype(np.float64)
-        pair, inv = np.unique(ebin * B + ubin, return_inverse=True)
-        pair_values = np.bincount(inv, weights=values)
-        pair_lat = pair_values * value_bytes / link + hw.latency
-        src, dst = np.divmod(pair, B)
-        # embeddings: one message per (encoder bin, LLM replica), all of it there when the
-        # first LLM microbatch of the replica that needs it starts
-        msg, msg_inv = np.unique(src * D + dst // M, return_inverse=True)
-        msg_lat = np.bincount(msg_inv, weights=pair_values) * value_bytes / link + hw.latency
-        first = np.full(len(msg), B, dtype=np.int64)
-        np.minimum.at(first, msg_inv, dst)
-        for a, b, m in zip(src.tolist(), dst.tolist(), msg_inv.tolist()):
-            if b == first[m]:
-                g.transfer(int(eF[a]), int(F[0, b]), float(msg_lat[m]), hw)
-            else:
-                g.edge(int(eF[a]), int(F[0, b]))  # received along with the first
-        # gradients: one message per (encoder bin, LLM bin)
-        if trains:
-            for a, b, t in zip(src.tolist(), dst.tolist(), pair_lat.tolist()):
-                g.transfer(int(Bk[0, b]), int(eB[a]), t, hw)
-        finish_groups[enc.name] = [int(x) for x in (eB if trains else eF)]
+            rows = slice(r * M, (r + 1) * M)
+            for c in range(copies):
+                dev = ranks.encoder(ei, r, c)
+                devs.append(dev)
+                names[dev] = Role(enc.name, r, copy=c).device(copies)
+                gpus[dev] = tp
+                seconds = (ops.enc_fwd[enc.name][rows, c], ops.enc_bwd[enc.name][rows, c])
+                chain(dev, encoder_actions(need[rows], P, trains), seconds)
+        finish_groups[enc.name] = node[devs, int(trains)].ravel()
+
+    # ---- messages: each from the compute that makes it to the first that needs it
+    same_node = plan.gpus_per_replica <= hw.gpus_per_node
+    lat = table.nbytes / hw.link(same_node)
+    lat[table.kind >= ACT] /= plan.llm_tp  # a tensor-parallel stage sends its shard
+    lat += hw.latency
+    made = node[table.src, table.make[:, 0], table.make[:, 1]]
+    needed = node[table.dst, table.need[:, 0], table.need[:, 1]]
+    for a, b, t in zip(made.tolist(), needed.tolist(), lat.tolist()):
+        g.transfer(a, b, t, hw)
 
     start, finish = g.longest_path()
     # ---- gradient all-reduce per module group, after its last backward on every replica
     end = float(finish.max(initial=0.0))
     for m, nodes in finish_groups.items():
-        done = float(finish[nodes].max(initial=0.0))
+        done = float(finish[nodes[nodes >= 0]].max(initial=0.0))
         done += ops.reduce[m]
         done += ops.step[m]
         end = max(end, done)
@@ -263,4 +243,5 @@ def simulate(
         samples=batch.n_samples,
         tokens=int(batch.llm_tokens.sum()),
         events=events,
+        messages=table,
     )
