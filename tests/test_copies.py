@@ -84,3 +84,32 @@ def test_a_layout_the_ranks_cannot_hold_is_one_line(demo, tmp_path, copies, npro
     )  # fmt: skip
     lines = [x for x in res.stderr.splitlines() if x.strip()]
     assert res.returncode == 2 and len(lines) == 1 and says in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("policy", ["entrain", "encoder-rebalance"])
+def test_the_copies_share_an_iteration_evenly(policy):
+    """LPT gives a microbatch's largest share to one copy; the copies run on their own ranks,
+    forwards ahead, so that copy must change from microbatch to microbatch or it carries
+    the iteration (before the rotation: ViT-6B, 4 copies, one copy 3x its share)."""
+    import numpy as np
+
+    from entrain.cost import cost_batch
+    from entrain.models import load_spec
+    from entrain.schedule import assign
+    from entrain.schedule.copies import unit_copies
+    from entrain.workload.traces import generate_workload
+
+    batch = cost_batch(generate_workload("omni", 512, seed=0), load_spec("omni-7b"))
+    asg = assign(policy, batch, 4, 32)
+    u = batch.units["vision"]
+    copy = unit_copies(batch, asg, "vision", 4)
+    per_copy = np.bincount(copy, weights=u.cost, minlength=4)
+    assert per_copy.max() < 1.25 * per_copy.mean(), per_copy
+    # and each microbatch is still split as evenly as LPT splits it
+    bins = asg.unit_bin("vision")
+    load = np.zeros((asg.n_bins, 4))
+    np.add.at(load, (bins, copy), u.cost)
+    biggest = np.zeros(asg.n_bins)
+    np.maximum.at(biggest, bins, u.cost)
+    share = load.sum(axis=1) / 4
+    assert (load.max(axis=1) <= np.maximum(biggest, share) * 4 / 3 + 1e-9).all()

@@ -1,13 +1,13 @@
-"""Who holds what, and every transfer of an iteration in the order its sender sends it.
+"""Who holds what: the ranks' roles, the pairs of ranks that may ever exchange a message
+(what channels are opened for), each role's computes in order, and a rank's view of the
+step's message table (program/messages.py, where every message is derived).
 
-Every rank computes the same list from the same IterationPlan, so the receiver of a pair
-knows the order the sender will send in before anything is sent: the contract runtime/comm.py
-holds both ends to (NCCL matches sends and receives per pair in issue order). The list is
-derived from the action lists of schedule/pipeline.py, the ones the engine runs: an encoder
-sends a microbatch's embeddings after its forward, one message per LLM replica it feeds; an
-LLM stage sends activations after a forward, and activation gradients (stage > 0) or
-embedding gradients (stage 0, one message per encoder microbatch it took units from, trained
-encoders only) after a backward.
+An encoder sends a microbatch's embeddings after its forward, one message per LLM replica
+it feeds; an LLM stage sends activations after a forward, and activation gradients (stage >
+0) or embedding gradients (stage 0, one message per encoder microbatch and copy it took
+units from, trained encoders only) after a backward. Every rank computes the same table
+from the same IterationPlan, so the receiver of a pair knows the order the sender will send
+in before anything is sent: the contract runtime/comm.py holds both ends to.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def sends(
     it: IterationPlan, role: Role, layout: list[Role], trains: dict[str, bool]
 ) -> list[Transfer]:
     """The transfers `role` sends in the step, in the order it makes them (its computes'
-    order; a compute's in the table's order)."""
+    order; one compute's in the table's order): a view of the table, for checks."""
     table = it.messages
     if table.ranks.world != len(layout):
         raise ValueError(

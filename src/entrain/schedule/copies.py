@@ -11,6 +11,8 @@ real one will:
   largest first to the least loaded copy.
 - "unit" (Entrain): units (an item's chunks: frame groups, audio windows) go largest first
   to the least loaded copy, so the copies finish together.
+In both, which copy takes a microbatch's largest share rotates with the microbatch, so the
+copies' loads also even out over the iteration.
 """
 
 from __future__ import annotations
@@ -31,14 +33,18 @@ def unit_copies(batch: CostedBatch, asg: Assignment, encoder: str, copies: int) 
         return np.zeros(len(u), dtype=np.int64)
     ebin = asg.unit_bin(encoder)
     rule = asg.copy_rule
+    # LPT gives a microbatch's largest share to copy 0; the copies run independently (a
+    # rank each, forwards ahead), so over an iteration that copy would carry far more than
+    # its share (one large video a microbatch: all of them). The copy that takes the
+    # largest share rotates with the microbatch instead.
     if rule == "unit":
-        return lpt_groups(u.cost, ebin, asg.n_bins, copies)
+        return (lpt_groups(u.cost, ebin, asg.n_bins, copies) + ebin) % copies
     if rule == "item":
         n_items = u.n_items
         item_cost = np.bincount(u.item, weights=u.cost, minlength=n_items)
         item_bin = np.zeros(n_items, dtype=np.int64)
         item_bin[u.item] = ebin  # an item's units share a bin under this rule
-        return lpt_groups(item_cost, item_bin, asg.n_bins, copies)[u.item]
+        return ((lpt_groups(item_cost, item_bin, asg.n_bins, copies) + item_bin) % copies)[u.item]
     if rule == "sample":
         return (_position_in_bin(asg.llm_bin()) % copies)[u.sample]
     raise ValueError(f"copy rule must be one of {', '.join(COPY_RULES)}, got {rule!r}")

@@ -88,13 +88,16 @@ class _Graph:
         self.succ: list[list[tuple[int, float]]] = []
         self.indeg: list[int] = []
 
-    def node(self, device: int, dur: float, label: str) -> int:
-        self.dur.append(dur)
-        self.device.append(device)
-        self.label.append(label)
-        self.succ.append([])
-        self.indeg.append(0)
-        return len(self.dur) - 1
+    def chain(self, device: int, durs: list[float], labels: list[str]) -> range:
+        """A device's actions as nodes, each after the one before, in one go (the
+        simulator's largest cost at scale is building nodes one by one)."""
+        first, n = len(self.dur), len(durs)
+        self.dur += durs
+        self.device += [device] * n
+        self.label += labels
+        self.succ += [[(i + 1, 0.0)] for i in range(first, first + n - 1)] + [[]] * (n > 0)
+        self.indeg += [0] * (n > 0) + [1] * (n - 1)
+        return range(first, first + n)
 
     def edge(self, a: int, b: int, lat: float = 0.0) -> None:
         self.succ[a].append((b, lat))
@@ -167,14 +170,13 @@ def simulate(
 
     def chain(dev: int, actions, seconds: tuple[np.ndarray, np.ndarray]) -> None:
         """The device's action list as nodes, each after the one before."""
-        prev = None
-        for kind, k in actions:
-            b = int(kind == "B")
-            n = g.node(dev, float(seconds[b][k]), f"{kind}{k}")
-            node[dev, b, k] = n
-            if prev is not None:
-                g.edge(prev, n)
-            prev = n
+        passes = np.fromiter(
+            (kind == "B" for kind, _ in actions), dtype=np.int64, count=len(actions)
+        )
+        mbs = np.fromiter((k for _, k in actions), dtype=np.int64, count=len(actions))
+        durs = np.where(passes == 1, seconds[1][mbs], seconds[0][mbs]).tolist()
+        labels = [f"{kind}{k}" for kind, k in actions] if record_events else [""] * len(actions)
+        node[dev, passes, mbs] = np.asarray(g.chain(dev, durs, labels))
 
     # ---- LLM stages: 1F1B per replica
     for r in range(D):
