@@ -36,9 +36,8 @@ POLICIES = ("sequential", "llm-balanced", "encoder-rebalance", "entrain")
 LAYOUTS = {
     # ranks: (dp, LLM stages, global batch, microbatches, --time-scale); per replica
     # vision, audio, stages. 32 processes on a few cores: every gloo hop and the step's
-    # closing collectives cost milliseconds the emulated device would not spend (in one
-    # 32-rank run: computes ended 60-70 ms after the simulator's schedule, the step 150 ms),
-    # so the 32-rank runs stretch the emulated compute twice as much to keep that small.
+    # closing collectives cost milliseconds the emulated device would not spend, so the
+    # 32-rank runs stretch the emulated compute twice as much to keep that small.
     8: (2, 2, 32, 4, 4),
     16: (2, 6, 64, 8, 4),
     32: (4, 6, 128, 8, 8),
