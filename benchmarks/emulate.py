@@ -50,7 +50,9 @@ INTRO = (
     "each layout says) on an omni trace of sizes only: the real runtime with every compute "
     "sleeping the simulator's time for it, against the simulator's replay of the same "
     "steps x the scale (`benchmarks/emulate.py`, run by hand). Medians over the steps after "
-    f"{WARMUP} warm-up steps; every rank of a run shares this machine's cores."
+    f"{WARMUP} warm-up steps; every rank of a run shares this machine's cores. A step runs from "
+    "its first rank's start to the closing all-reduce; `between` is rank 0's time from one "
+    "step's end to the next one's start (metrics, logging, the stop check), not in the step."
 )
 
 
@@ -97,7 +99,7 @@ def main() -> int:
             )
             out.print(
                 f"  {'policy':18s} {'emulated (s)':>12s} {'simulated (s)':>13s} {'error':>7s}"
-                f" {'busy/sim':>8s} {'plan wait':>9s} {'wall (s)':>8s}"
+                f" {'busy/sim':>8s} {'plan wait':>9s} {'between':>8s} {'wall (s)':>8s}"
             )
             meas, sim = {}, {}
             for p in POLICIES:
@@ -113,9 +115,12 @@ def main() -> int:
                     for s in rep.steady
                 )
                 wait = statistics.median(r["plan_wait"] for r in rows)
+                # rank 0's time between steps (metrics, logging, the stop check): outside
+                # the step time, shown so that nothing the loop spends is hidden
+                between = statistics.median(r["between_steps"] for r in rows)
                 out.print(
                     f"  {p:18s} {meas[p]:12.3f} {sim[p]:13.3f} {100 * rep.error:+6.1f}% "
-                    f"{ratio:8.3f} {1e3 * wait:7.1f}ms {wall:8.0f}"
+                    f"{ratio:8.3f} {1e3 * wait:7.1f}ms {1e3 * between:6.0f}ms {wall:8.0f}"
                 )
                 worst[ranks] = max(worst.get(ranks, 0.0), abs(rep.error))
             table[ranks] = {p: (meas[p], sim[p]) for p in POLICIES}

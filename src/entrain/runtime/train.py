@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -89,6 +90,13 @@ class Prepared:
     flops: float = 0.0
     """Model FLOPs of the step (forward and backward of every module, analytic; recompute
     not counted, as MFU is defined)."""
+
+
+RANK_NUMBERS = (
+    "busy", "peak_deferred", "data_wait", "rss_mb", "state_bytes", "gpu_mb", "messages", "bytes",
+    "started",
+)  # fmt: skip
+"""What each rank reports of a step to rank 0, which writes metrics.jsonl."""
 
 
 class PlanAhead:
@@ -169,6 +177,7 @@ class Trainer:
         shard = self.groups if cfg.shard_optimizer else None
         self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device, shard)
         self.reducer = None
+        self.last_end: float | None = None  # when this rank's previous step ended
         if self.groups is not None:  # the tied embedding is summed in its own group
             params = [p for p in self.named.values() if p is not self.tied]
             self.reducer = GradReducer(params, self.groups, placement.wire)
@@ -287,7 +296,11 @@ class Trainer:
         norm = prepared.loss_tokens
         stats = StepStats()
         self.mail.begin(comm_ops(prepared.program))
-        dist.barrier()  # (the previous step's closing barrier left every rank starting together)
+        # No barrier: the previous step's closing all-reduce is the boundary. Every rank had
+        # received all of that step's messages before it, so what arrives now is this
+        # step's; a rank that starts early waits on its first message as it would on a
+        # barrier, and one collective of every rank a step is fewer (at 32 ranks on gloo a
+        # barrier cost up to a quarter of a second).
         _inject_fault(step, self.rank)
         t0 = time.perf_counter()
         loss = 0.0
@@ -302,7 +315,7 @@ class Trainer:
         self.mail.flush()
         data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
-        grad_norm = self._clip_grads()
+        grad_norm, total = self._clip_grads(loss)
         lr = self.cfg.lr_at(step)
         if self.cfg.save_params:  # the step's gradients, for the equivalence tests
             self.last_grads = {
@@ -312,63 +325,101 @@ class Trainer:
             set_lr(self.opt, lr)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        total = torch.tensor([loss], dtype=torch.float64)
-        dist.all_reduce(total)
-        dist.barrier()
-        wall = time.perf_counter() - t_start
-        busy = [None] * self.world
-        dist.all_gather_object(
-            busy,
-            (
-                self.role.device(self.plan.encoder_dp.get(self.role.module, 1)),
-                (
-                    len(self.mail.sent),
-                    sum(n for _, _, n in self.mail.sent),
-                    self.mail.sent if self.cfg.trace and step == self.cfg.steps - 1 else None,
-                ),
-                stats.busy,
-                [(lab, a - t0, b - t0) for lab, a, b in stats.events],
-                stats.peak_deferred,
-                data_wait,
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB -> MiB
-                state_bytes(self.opt),
-                torch.cuda.max_memory_allocated(self.device) / 2**20
-                if self.device.type == "cuda"
-                else None,
-            ),
-        )
+        # no closing barrier: the norm's all-reduce already waited for every rank's last
+        # backward
+        t_end = time.perf_counter()
+        wall = t_end - t_start
+        started = time.time() - (t_end - t_start)  # by the wall clock, which ranks share
+        # what the loop did on this rank since the previous step ended: the metrics,
+        # logging, checkpoints, the stop check (not in iter_time, which is the step itself)
+        between = t_start - self.last_end if self.last_end is not None else None
+        self.last_end = t_end
+        table = self._rank_numbers(stats, data_wait, started)
+        traced = self._trace(stats, t0) if self.cfg.trace and step == self.cfg.steps - 1 else None
+        if self.rank != 0:
+            return {"step": step, "loss": float(total) / norm, "iter_time": wall}
+        names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
+        col = dict(zip(RANK_NUMBERS, table.T.tolist()))
+        # the step ran from when its first rank began it (ranks start when each is ready,
+        # rank 0 after writing the last step's metrics) to the closing all-reduce, which
+        # every rank's last backward came before
+        wall = max(wall, started + wall - min(col["started"]))
         tokens = int(st.batch.llm_tokens.sum())
         peak = peak_flops(self.device, self.precision)
+        gpu = self.device.type == "cuda"
         return {
             "step": step,
             "loss": float(total) / norm,
             "iter_time": wall,
             "plan_time": prepared.seconds,
             "plan_wait": plan_wait,
+            "between_steps": between,
             "samples_per_s": len(st.indices) / wall,
             "tokens_per_s": tokens / wall,
             "grad_norm": grad_norm,
             "lr": lr,
             "model_tflops": prepared.flops / wall / 1e12,
             "mfu": prepared.flops / wall / (peak * self.world) if peak else None,
-            "optimizer_state_mb": {b[0]: b[7] / 2**20 for b in busy},
-            "peak_gpu_mb": {b[0]: b[8] for b in busy} if self.device.type == "cuda" else None,
-            "data_wait": max(x[5] for x in busy),
-            "busy": {b[0]: b[2] for b in busy},
-            "idle": {b[0]: wall - plan_wait - b[2] for b in busy},
-            "peak_deferred_tokens": max(b[4] for b in busy),
-            "peak_rss_mb": {b[0]: round(b[6], 1) for b in busy},
+            "optimizer_state_mb": dict(zip(names, (b / 2**20 for b in col["state_bytes"]))),
+            "peak_gpu_mb": dict(zip(names, col["gpu_mb"])) if gpu else None,
+            "data_wait": max(col["data_wait"]),
+            "busy": dict(zip(names, col["busy"])),
+            "idle": {n: wall - plan_wait - b for n, b in zip(names, col["busy"])},
+            "peak_deferred_tokens": int(max(col["peak_deferred"])),
+            "peak_rss_mb": {n: round(m, 1) for n, m in zip(names, col["rss_mb"])},
             "precision": self.precision,
-            "p2p_messages": sum(b[1][0] for b in busy),
-            "p2p_mb": sum(b[1][1] for b in busy) / 2**20,
-            "_events": [(b[0], lab, a, c) for b in busy for lab, a, c in b[3]],
-            "_messages": [
-                {"src": rank, "dst": dst, "key": list(key), "bytes": n}
-                for rank, b in enumerate(busy)
-                for key, dst, n in b[1][2] or ()
-            ],
+            "p2p_messages": int(sum(col["messages"])),
+            "p2p_mb": sum(col["bytes"]) / 2**20,
+            "_events": traced[0] if traced else None,
+            "_messages": traced[1] if traced else None,
             "_samples": [self.data.records[int(i)].id for i in st.indices],
         }
+
+    def _rank_numbers(self, stats: StepStats, data_wait: float, started: float) -> np.ndarray:
+        """Every rank's numbers of the step (RANK_NUMBERS), one row a rank, on rank 0 (zeros
+        elsewhere): one reduce of a small float64 table rather than pickled objects
+        gathered, so rank 0 unpickles nothing and the other ranks go straight on."""
+        mine = {
+            "busy": stats.busy,
+            "peak_deferred": stats.peak_deferred,
+            "data_wait": data_wait,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB -> MiB
+            "state_bytes": state_bytes(self.opt),
+            "gpu_mb": torch.cuda.max_memory_allocated(self.device) / 2**20
+            if self.device.type == "cuda"
+            else 0.0,
+            "messages": len(self.mail.sent),
+            "bytes": sum(n for _, _, n in self.mail.sent),
+            "started": started,
+        }
+        table = torch.zeros(self.world, len(RANK_NUMBERS), dtype=torch.float64)
+        row = [float(mine[k]) for k in RANK_NUMBERS]
+        table[self.rank] = torch.tensor(row, dtype=torch.float64)  # epoch seconds need fp64
+        dist.reduce(table, dst=0)
+        return table.numpy()
+
+    def _trace(self, stats: StepStats, t0: float) -> tuple[list, list] | None:
+        """The step's events of every rank, on one clock (each rank's start by the wall
+        clock: ranks no longer leave a barrier together), and every message each rank sent,
+        in its order, gathered on rank 0 (None elsewhere): what --trace writes."""
+        mine = (time.time() - (time.perf_counter() - t0), stats.events, t0, self.mail.sent)
+        got = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, got, dst=0)
+        if got is None:
+            return None
+        first = min(g[0] for g in got)
+        names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
+        events = [
+            (name, lab, a - t0r + start - first, b - t0r + start - first)
+            for name, (start, evs, t0r, _) in zip(names, got)
+            for lab, a, b in evs
+        ]
+        messages = [
+            {"src": rank, "dst": dst, "key": list(key), "bytes": n}
+            for rank, g in enumerate(got)
+            for key, dst, n in g[3]
+        ]
+        return events, messages
 
     def _all_reduce_grads(self) -> None:
         """Sum gradients over the replicas of this rank's module (buckets started during the
@@ -389,23 +440,24 @@ class Trainer:
         total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         return total + state_bytes(self.opt)
 
-    def _clip_grads(self) -> float:
+    def _clip_grads(self, loss: float) -> tuple[float, float]:
         """The global gradient norm over the whole model, and every rank's gradients scaled
         to `--clip-grad` when it is larger. Each parameter counts once: replicas hold the
         same summed gradient (replica 0 counts it), a tied embedding's second copy (on the
-        last stage) is left out."""
+        last stage) is left out. The step's summed loss (each last stage's `loss`) rides in
+        the same all-reduce: one collective of every rank at the end of a step, not two."""
         counted = []
         if self.role.replica == 0 and self.role.copy == 0:
             counted = [
                 p for p in self.named.values()
                 if p.requires_grad and not (p is self.tied and self.role.stage != 0)
             ]  # fmt: skip
-        total = local_sq_norm(counted)
-        dist.all_reduce(total)
-        norm = float(total.sqrt())
+        sums = torch.stack([local_sq_norm(counted), torch.tensor(loss, dtype=torch.float64)])
+        dist.all_reduce(sums)
+        norm = float(sums[0].sqrt())
         coef = clip_coefficient(norm, self.cfg.clip_grad)
         scale_grads(self.named.values(), coef)
-        return norm
+        return norm, float(sums[1])
 
     def _all_reduce(self, grad: torch.Tensor, group) -> None:
         wire = self.placement.wire
@@ -733,9 +785,9 @@ def _run(
                           replica=trainer.role.replica, copy=trainer.role.copy)  # fmt: skip
             else:
                 m = trainer.step(step, ahead)
-            events = m.pop("_events")
-            messages = m.pop("_messages")
-            consumed = m.pop("_samples")
+            events = m.pop("_events", None)
+            messages = m.pop("_messages", None)
+            consumed = m.pop("_samples", None)
             history.append(m)
             if logs:
                 logs.write(step, m, consumed)
