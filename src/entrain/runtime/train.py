@@ -178,6 +178,8 @@ class Trainer:
         self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device, shard)
         self.reducer = None
         self.last_end: float | None = None  # when this rank's previous step ended
+        # every rank's name in metrics and traces ("vision.c1/r0"), by rank
+        self.device_names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
         if self.groups is not None:  # the tied embedding is summed in its own group
             params = [p for p in self.named.values() if p is not self.tied]
             self.reducer = GradReducer(params, self.groups, placement.wire)
@@ -338,7 +340,7 @@ class Trainer:
         traced = self._trace(stats, t0) if self.cfg.trace and step == self.cfg.steps - 1 else None
         if self.rank != 0:
             return {"step": step, "loss": float(total) / norm, "iter_time": wall}
-        names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
+        names = self.device_names
         col = dict(zip(RANK_NUMBERS, table.T.tolist()))
         # the step ran from when its first rank began it (ranks start when each is ready,
         # rank 0 after writing the last step's metrics) to the closing all-reduce, which
@@ -408,7 +410,7 @@ class Trainer:
         if got is None:
             return None
         first = min(g[0] for g in got)
-        names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
+        names = self.device_names
         events = [
             (name, lab, a - t0r + start - first, b - t0r + start - first)
             for name, (start, evs, t0r, _) in zip(names, got)
