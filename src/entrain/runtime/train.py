@@ -404,22 +404,22 @@ class Trainer:
         """The step's events of every rank, on one clock (each rank's start by the wall
         clock: ranks no longer leave a barrier together), and every message each rank sent,
         in its order, gathered on rank 0 (None elsewhere): what --trace writes."""
-        mine = (time.time() - (time.perf_counter() - t0), stats.events, t0, self.mail.sent)
+        start = time.time() - (time.perf_counter() - t0)  # this rank's t0, by the wall clock
+        mine = (start, [(lab, a - t0, b - t0) for lab, a, b in stats.events], self.mail.sent)
         got = [None] * self.world if self.rank == 0 else None
         dist.gather_object(mine, got, dst=0)
         if got is None:
             return None
         first = min(g[0] for g in got)
-        names = self.device_names
         events = [
-            (name, lab, a - t0r + start - first, b - t0r + start - first)
-            for name, (start, evs, t0r, _) in zip(names, got)
+            (name, lab, a + start - first, b + start - first)
+            for name, (start, evs, _) in zip(self.device_names, got)
             for lab, a, b in evs
         ]
         messages = [
             {"src": rank, "dst": dst, "key": list(key), "bytes": n}
-            for rank, g in enumerate(got)
-            for key, dst, n in g[3]
+            for rank, (_, _, sent) in enumerate(got)
+            for key, dst, n in sent
         ]
         return events, messages
 
