@@ -51,8 +51,8 @@ INTRO = (
     "sleeping the simulator's time for it, against the simulator's replay of the same "
     "steps x the scale (`benchmarks/emulate.py`, run by hand). Medians over the steps after "
     f"{WARMUP} warm-up steps; every rank of a run shares this machine's cores. A step runs from "
-    "its first rank's start to the closing all-reduce; `between` is rank 0's time from one "
-    "step's end to the next one's start (metrics, logging, the stop check), not in the step."
+    "its first rank's start to the closing collective; `between` is rank 0's time from one "
+    "step's end to the next one's start (metrics, logging, checkpoints), not in the step."
 )
 
 
@@ -115,7 +115,7 @@ def main() -> int:
                     for s in rep.steady
                 )
                 wait = statistics.median(r["plan_wait"] for r in rows)
-                # rank 0's time between steps (metrics, logging, the stop check): outside
+                # rank 0's time between steps (metrics, logging, checkpoints): outside
                 # the step time, shown so that nothing the loop spends is hidden
                 between = statistics.median(r["between_steps"] for r in rows)
                 out.print(

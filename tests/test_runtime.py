@@ -217,9 +217,26 @@ def test_plan_ahead_prepares_each_step_once_in_order_from_any_start():
         return step * 10
 
     ahead = PlanAhead(prepare, 6)
-    assert [ahead.take(s) for s in range(2, 6)] == [20, 30, 40, 50]  # a resumed run
+    got = []
+    for s in range(2, 6):  # a resumed run; the step's first compute starts the next plan
+        got.append(ahead.take(s))
+        ahead.start(s + 1)
+        ahead.start(s + 1)  # once only
+    assert got == [20, 30, 40, 50]
     ahead.close()
-    assert calls == [2, 3, 4, 5]
+    assert calls == [2, 3, 4, 5]  # nothing past the last step
+
+
+def test_plan_ahead_plans_the_next_step_only_when_asked():
+    """Taking a step must not start the next one's plan: it starts after the step's first
+    compute, so that no rank plans while others are still in the closing collective."""
+    from entrain.runtime.train import PlanAhead
+
+    calls: list[int] = []
+    ahead = PlanAhead(lambda s: calls.append(s) or s, 4)
+    assert ahead.take(0) == 0
+    ahead.close()  # waits for anything submitted
+    assert calls == [0]
 
 
 def test_plan_ahead_raises_a_failed_preparation_in_its_own_step():

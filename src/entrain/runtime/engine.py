@@ -35,12 +35,18 @@ class StepStats:
     events: list[tuple[str, float, float]] = field(default_factory=list)
     peak_deferred: int = 0
     """Most embedding rows held at once for a later LLM microbatch than the running one."""
+    first_done: Callable[[], None] | None = None
+    """Called once, when the step's first compute is done (the trainer starts planning the
+    next step then)."""
 
     def timed(self, label: str, t0: float) -> None:
         sync()  # on a GPU, the action's kernels, not their launch
         t1 = time.perf_counter()
         self.busy += t1 - t0
         self.events.append((label, t0, t1))
+        if self.first_done is not None:
+            self.first_done, call = None, self.first_done
+            call()
 
 
 def _grad(x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 SIGINT (Ctrl-C), SIGHUP (a closed terminal), or the process that started this one gone.
 
 A rank never stops in the middle of a step: its peers would wait on messages it will not
-send. The signal only raises a flag; at the end of every step all ranks agree (one small
-all-reduce) whether any of them was asked to stop, so they all leave after the same step,
+send. The signal only raises a flag; at the end of every step all ranks agree whether any of
+them was asked to stop (each rank's flag rides in the step's closing collective,
+runtime/train.py: a flag raised after a rank entered it counts at the next step's end), so
+they all leave after the same step,
 write a checkpoint when one is due or `--checkpoint-on-stop` asks, and exit 0 (not an error
 code: torchrun would restart a failed run under --max-restarts). A second signal means "now":
 the rank exits at once.
@@ -77,13 +79,3 @@ class StopRequest:
         self.signum = self.signum or PARENT_GONE
         time.sleep(self.grace_s)
         os._exit(1)  # still here: a peer is stuck, and no one is left to kill this rank
-
-    def agreed(self) -> int:
-        """Whether any rank was asked to stop (its signal number, or 0): a collective every
-        rank calls at the same point of every step."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([self.signum], dtype=torch.int64)  # CPU: gloo carries it
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())

@@ -94,9 +94,10 @@ class Prepared:
 
 RANK_NUMBERS = (
     "busy", "peak_deferred", "data_wait", "rss_mb", "state_bytes", "gpu_mb", "messages", "bytes",
-    "started",
+    "started", "stop",
 )  # fmt: skip
-"""What each rank reports of a step to rank 0, which writes metrics.jsonl."""
+"""What each rank reports of a step, in the step's closing collective: rank 0 writes them to
+metrics.jsonl, and every rank reads the stop column (whether any rank was asked to stop)."""
 
 
 class PlanAhead:
@@ -104,19 +105,28 @@ class PlanAhead:
     (milliseconds of numpy per step, tens at large batches, on every rank) leaves the
     critical path: the thread computes while the main thread waits on messages or the GPU.
     Everything it computes is deterministic in the step number, so every rank still gets
-    the same plan."""
+    the same plan.
+
+    The next step's preparation starts once this rank's first compute of the step is done
+    (`start`), not when the step begins: at a step's start every rank is leaving the
+    previous step's closing collective and issuing its first work, and a rank that left
+    early and planned at once would take the CPU from the ranks still in that collective
+    (with 32 ranks on 2 cores, spreading the next step's starts by 0.2-0.3 s)."""
 
     def __init__(self, prepare: Callable[[int], Prepared], steps: int):
         self.prepare, self.steps = prepare, steps
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="entrain-plan")
         self.pending: dict[int, Future] = {}
 
+    def start(self, step: int) -> None:
+        """Begin preparing `step` (once; nothing past the last step)."""
+        if step < self.steps and step not in self.pending:
+            self.pending[step] = self.pool.submit(self.prepare, step)
+
     def take(self, step: int) -> Prepared:
-        """Step `step`'s preparation (waiting for it if it is not done), and start the next."""
-        fut = self.pending.pop(step, None) or self.pool.submit(self.prepare, step)
-        if step + 1 < self.steps:
-            self.pending[step + 1] = self.pool.submit(self.prepare, step + 1)
-        return fut.result()
+        """Step `step`'s preparation, waiting for it (or making it) if it is not done."""
+        self.start(step)
+        return self.pending.pop(step).result()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -178,6 +188,7 @@ class Trainer:
         self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device, shard)
         self.reducer = None
         self.last_end: float | None = None  # when this rank's previous step ended
+        self.opt_stepped = False  # whether the optimizer's state exists (its first step made it)
         # every rank's name in metrics and traces ("vision.c1/r0"), by rank
         self.device_names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
         if self.groups is not None:  # the tied embedding is summed in its own group
@@ -290,15 +301,20 @@ class Trainer:
             model_flops(flops_batch),
         )
 
-    def step(self, step: int, ahead: PlanAhead | None = None) -> dict:
+    def step(
+        self, step: int, ahead: PlanAhead | None = None, stop: StopRequest | None = None
+    ) -> dict:
+        """Train step `step`. `stop`: this rank's stop flag, as it stands when the rank
+        reaches the step's closing collective, is agreed there with every rank's (the dict's
+        `_stop`: the same on all ranks, 0 when none was asked to stop)."""
         t_start = time.perf_counter()
         prepared = ahead.take(step) if ahead else self.prepare(step)
         plan_wait = time.perf_counter() - t_start  # what the plan cost the critical path
         self.current = st = prepared.step
         norm = prepared.loss_tokens
-        stats = StepStats()
+        stats = StepStats(first_done=(lambda: ahead.start(step + 1)) if ahead else None)
         self.mail.begin(comm_ops(prepared.program))
-        # No barrier: the previous step's closing all-reduce is the boundary. Every rank had
+        # No barrier: the previous step's closing collective is the boundary. Every rank had
         # received all of that step's messages before it, so what arrives now is this
         # step's; a rank that starts early waits on its first message as it would on a
         # barrier, and one collective of every rank a step is fewer (at 32 ranks on gloo a
@@ -317,7 +333,9 @@ class Trainer:
         self.mail.flush()
         data_wait = self.data.loader.take_wait()
         self._all_reduce_grads()
-        grad_norm, total = self._clip_grads(loss)
+        started = time.time() - (time.perf_counter() - t_start)  # by the wall clock ranks share
+        mine = self._rank_numbers(stats, data_wait, started, stop.signum if stop else 0)
+        grad_norm, total, table = self._close(loss, mine)
         lr = self.cfg.lr_at(step)
         if self.cfg.save_params:  # the step's gradients, for the equivalence tests
             self.last_grads = {
@@ -327,23 +345,23 @@ class Trainer:
             set_lr(self.opt, lr)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        # no closing barrier: the norm's all-reduce already waited for every rank's last
+        self.opt_stepped = True
+        # no closing barrier: the closing collective already waited for every rank's last
         # backward
         t_end = time.perf_counter()
         wall = t_end - t_start
-        started = time.time() - (t_end - t_start)  # by the wall clock, which ranks share
         # what the loop did on this rank since the previous step ended: the metrics,
-        # logging, checkpoints, the stop check (not in iter_time, which is the step itself)
+        # logging, checkpoints (not in iter_time, which is the step itself)
         between = t_start - self.last_end if self.last_end is not None else None
         self.last_end = t_end
-        table = self._rank_numbers(stats, data_wait, started)
         traced = self._trace(stats, t0) if self.cfg.trace and step == self.cfg.steps - 1 else None
-        if self.rank != 0:
-            return {"step": step, "loss": float(total) / norm, "iter_time": wall}
-        names = self.device_names
         col = dict(zip(RANK_NUMBERS, table.T.tolist()))
+        agreed = int(max(col["stop"]))
+        if self.rank != 0:
+            return {"step": step, "loss": float(total) / norm, "iter_time": wall, "_stop": agreed}
+        names = self.device_names
         # the step ran from when its first rank began it (ranks start when each is ready,
-        # rank 0 after writing the last step's metrics) to the closing all-reduce, which
+        # rank 0 after writing the last step's metrics) to the closing collective, which
         # every rank's last backward came before
         wall = max(wall, started + wall - min(col["started"]))
         tokens = int(st.batch.llm_tokens.sum())
@@ -362,7 +380,11 @@ class Trainer:
             "lr": lr,
             "model_tflops": prepared.flops / wall / 1e12,
             "mfu": prepared.flops / wall / (peak * self.world) if peak else None,
-            "optimizer_state_mb": dict(zip(names, (b / 2**20 for b in col["state_bytes"]))),
+            # AdamW makes its state in its first step, after the closing collective: known
+            # from a launch's second step on, or from a resumed checkpoint's
+            "optimizer_state_mb": dict(zip(names, (b / 2**20 for b in col["state_bytes"])))
+            if self.opt_stepped or any(col["state_bytes"])
+            else None,
             "peak_gpu_mb": dict(zip(names, col["gpu_mb"])) if gpu else None,
             "data_wait": max(col["data_wait"]),
             "busy": dict(zip(names, col["busy"])),
@@ -375,12 +397,15 @@ class Trainer:
             "_events": traced[0] if traced else None,
             "_messages": traced[1] if traced else None,
             "_samples": [self.data.records[int(i)].id for i in st.indices],
+            "_stop": agreed,
         }
 
-    def _rank_numbers(self, stats: StepStats, data_wait: float, started: float) -> np.ndarray:
-        """Every rank's numbers of the step (RANK_NUMBERS), one row a rank, on rank 0 (zeros
-        elsewhere): one reduce of a small float64 table rather than pickled objects
-        gathered, so rank 0 unpickles nothing and the other ranks go straight on."""
+    def _rank_numbers(
+        self, stats: StepStats, data_wait: float, started: float, stop: int
+    ) -> list[float]:
+        """This rank's numbers of the step (RANK_NUMBERS), for its row of the closing
+        all-reduce's table. Peaks and the optimizer's state are as of that all-reduce, before
+        the step's optimizer step (which the next step's numbers include)."""
         mine = {
             "busy": stats.busy,
             "peak_deferred": stats.peak_deferred,
@@ -393,12 +418,9 @@ class Trainer:
             "messages": len(self.mail.sent),
             "bytes": sum(n for _, _, n in self.mail.sent),
             "started": started,
+            "stop": stop,
         }
-        table = torch.zeros(self.world, len(RANK_NUMBERS), dtype=torch.float64)
-        row = [float(mine[k]) for k in RANK_NUMBERS]
-        table[self.rank] = torch.tensor(row, dtype=torch.float64)  # epoch seconds need fp64
-        dist.reduce(table, dst=0)
-        return table.numpy()
+        return [float(mine[k]) for k in RANK_NUMBERS]
 
     def _trace(self, stats: StepStats, t0: float) -> tuple[list, list] | None:
         """The step's events of every rank, on one clock (each rank's start by the wall
@@ -442,24 +464,27 @@ class Trainer:
         total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         return total + state_bytes(self.opt)
 
-    def _clip_grads(self, loss: float) -> tuple[float, float]:
-        """The global gradient norm over the whole model, and every rank's gradients scaled
-        to `--clip-grad` when it is larger. Each parameter counts once: replicas hold the
-        same summed gradient (replica 0 counts it), a tied embedding's second copy (on the
-        last stage) is left out. The step's summed loss (each last stage's `loss`) rides in
-        the same all-reduce: one collective of every rank at the end of a step, not two."""
+    def _close(self, loss: float, mine: list[float]) -> tuple[float, float, np.ndarray]:
+        """The step's one collective of every rank: each rank's row (its share of the
+        squared gradient norm, its summed loss (last stages) and its RANK_NUMBERS) goes to
+        every rank, which sums the norm and the loss in rank order (the same floats on every
+        rank); then every gradient is scaled to `--clip-grad` when the norm is larger. One
+        collective, not one each for the norm, the loss, the metrics and the stop check:
+        ranks leave a collective at different times and start the next step that far apart.
+        Each parameter counts once in the norm: replicas hold the same summed gradient
+        (replica 0 counts it), a tied embedding's second copy (on the last stage) is left
+        out. Returns (norm, summed loss, the world x RANK_NUMBERS table)."""
         counted = []
         if self.role.replica == 0 and self.role.copy == 0:
             counted = [
                 p for p in self.named.values()
                 if p.requires_grad and not (p is self.tied and self.role.stage != 0)
             ]  # fmt: skip
-        sums = torch.stack([local_sq_norm(counted), torch.tensor(loss, dtype=torch.float64)])
-        dist.all_reduce(sums)
-        norm = float(sums[0].sqrt())
-        coef = clip_coefficient(norm, self.cfg.clip_grad)
-        scale_grads(self.named.values(), coef)
-        return norm, float(sums[1])
+        row = torch.tensor([float(local_sq_norm(counted)), loss, *mine], dtype=torch.float64)
+        table = exchange_rows(row, self.placement.wire, self.rank, self.world)
+        norm = float(table[:, 0].sum()) ** 0.5
+        scale_grads(self.named.values(), clip_coefficient(norm, self.cfg.clip_grad))
+        return norm, float(table[:, 1].sum()), table[:, 2:]
 
     def _all_reduce(self, grad: torch.Tensor, group) -> None:
         wire = self.placement.wire
@@ -589,6 +614,25 @@ class Trainer:
             )
             grads = getattr(self, "last_grads", {})
             torch.save({n: g.cpu() for n, g in grads.items()}, out / f"grads-{self.role.name}.pt")
+
+
+def exchange_rows(row: torch.Tensor, wire: torch.device, rank: int, world: int) -> np.ndarray:
+    """Every rank's `row` (float64, the same length on all), as a world x len table on every
+    rank. On GPUs, an all-reduce of the table with this rank's row filled in (NCCL's
+    small-message algorithms are a few hops deep). On gloo, an all-to-all (each rank sends
+    its row to every other): gloo's all-reduce is a ring, 2 x (world - 1) hops one after
+    another, each waiting for a process to be scheduled; with 32 ranks on 2 cores the last
+    rank to arrive waited 112 ms for it against 5 ms for the all-to-all (its 32 x 32 tiny
+    messages all go at once)."""
+    n = row.numel()
+    if wire.type == "cpu":
+        out = torch.empty(world * n, dtype=torch.float64)
+        dist.all_to_all_single(out, row.repeat(world))
+        return out.view(world, n).numpy()
+    table = torch.zeros(world, n, dtype=torch.float64, device=wire)
+    table[rank] = row.to(wire)
+    dist.all_reduce(table)
+    return table.cpu().numpy()
 
 
 def _init_process_group(timeout: datetime.timedelta, placement: Placement) -> None:
@@ -782,14 +826,15 @@ def _run(
         for step in range(start, cfg.steps):
             if cfg.profile_memory and out and step == cfg.steps - 1:
                 with MemoryPeak(trainer.tensor_bytes()) as peak:
-                    m = trainer.step(step, ahead)
+                    m = trainer.step(step, ahead, stop)
                 peak.save(out / f"memory-{rank}.json", rank=rank, role=trainer.role.name,
                           replica=trainer.role.replica, copy=trainer.role.copy)  # fmt: skip
             else:
-                m = trainer.step(step, ahead)
+                m = trainer.step(step, ahead, stop)
             events = m.pop("_events", None)
             messages = m.pop("_messages", None)
             consumed = m.pop("_samples", None)
+            signum = m.pop("_stop")
             history.append(m)
             if logs:
                 logs.write(step, m, consumed)
@@ -808,7 +853,7 @@ def _run(
                 on_trace(events, out / "trace.json", f"entrain train ({cfg.policy})")
                 # the step's messages, each sender's in its order: what the simulator times
                 (out / "messages.json").write_text(json.dumps(messages), encoding="utf-8")
-            if step + 1 < cfg.steps and (signum := stop.agreed()):
+            if step + 1 < cfg.steps and signum:
                 if bar:
                     bar[0].stop()
                     bar = None
