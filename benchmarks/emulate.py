@@ -10,7 +10,7 @@ every policy trains a few steps at 8, 16 and 32 ranks; each step is replayed in 
 simulator (`entrain runs --simulate`'s replay), and the medians after the warm-up steps
 are compared, as is the ranking of the policies.
 
-Not in `make bench` (it takes about 15 minutes on 2 cores): run it by hand,
+Not in `make bench` (it takes about 20 minutes on 2 cores): run it by hand,
 `.venv/bin/python benchmarks/emulate.py [--quick]`.
 """
 
