@@ -109,6 +109,18 @@ def _run(args: argparse.Namespace, err: Console) -> int:
             raise
         err.print("[red]entrain: error:[/]", escape(message), highlight=False, soft_wrap=True)
         return 1
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """A rank of `entrain train` leaves its process group here, after its error (if any)
+    is printed: the peers that lose it then speak after it, so the root cause is the first
+    line the launcher shows. (Leaving it to the interpreter's exit aborts the process:
+    gloo's threads are still running.)"""
+    dist = sys.modules.get("torch.distributed")  # only when something imported it
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _exit_on_signal(signum: int, frame) -> None:

@@ -917,10 +917,5 @@ def main_from_env(cfg: TrainConfig, on_trace: TraceWriter | None = None) -> int:
     """Entry under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment."""
     if "RANK" not in os.environ:
         raise ValueError("entrain train runs under torchrun; without it, pass --nproc P")
-    run(cfg, on_trace=on_trace)
-    # Only after a run that succeeded: a failing rank keeps its connections until its process
-    # exits, after it printed its error, so the peers that then lose it speak after it and
-    # the root cause is the first line the launcher shows.
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    run(cfg, on_trace=on_trace)  # the CLI leaves the process group after any error is out
     return 0
