@@ -188,7 +188,6 @@ class Trainer:
         self.opt = optimizer(self.named, cfg.lr, cfg.weight_decay, self.device, shard)
         self.reducer = None
         self.last_end: float | None = None  # when this rank's previous step ended
-        self.opt_stepped = False  # whether the optimizer's state exists (its first step made it)
         # every rank's name in metrics and traces ("vision.c1/r0"), by rank
         self.device_names = [r.device(self.plan.encoder_dp.get(r.module, 1)) for r in self.roles]
         if self.groups is not None:  # the tied embedding is summed in its own group
@@ -345,7 +344,6 @@ class Trainer:
             set_lr(self.opt, lr)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-        self.opt_stepped = True
         # no closing barrier: the closing collective already waited for every rank's last
         # backward
         t_end = time.perf_counter()
@@ -381,9 +379,10 @@ class Trainer:
             "model_tflops": prepared.flops / wall / 1e12,
             "mfu": prepared.flops / wall / (peak * self.world) if peak else None,
             # AdamW makes its state in its first step, after the closing collective: known
-            # from a launch's second step on, or from a resumed checkpoint's
+            # from a launch's second step on (`between` is None on its first), or from a
+            # resumed checkpoint's
             "optimizer_state_mb": dict(zip(names, (b / 2**20 for b in col["state_bytes"])))
-            if self.opt_stepped or any(col["state_bytes"])
+            if between is not None or any(col["state_bytes"])
             else None,
             "peak_gpu_mb": dict(zip(names, col["gpu_mb"])) if gpu else None,
             "data_wait": max(col["data_wait"]),
@@ -404,7 +403,7 @@ class Trainer:
         self, stats: StepStats, data_wait: float, started: float, stop: int
     ) -> list[float]:
         """This rank's numbers of the step (RANK_NUMBERS), for its row of the closing
-        all-reduce's table. Peaks and the optimizer's state are as of that all-reduce, before
+        collective's table. Peaks and the optimizer's state are as of that collective, before
         the step's optimizer step (which the next step's numbers include)."""
         mine = {
             "busy": stats.busy,
@@ -914,7 +913,8 @@ def _progress(total: int, done: int = 0):
 
 
 def main_from_env(cfg: TrainConfig, on_trace: TraceWriter | None = None) -> int:
-    """Entry under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment."""
+    """Entry under torchrun: RANK, WORLD_SIZE, MASTER_ADDR/PORT come from the environment.
+    The caller leaves the process group (cli.py does, after printing any error)."""
     if "RANK" not in os.environ:
         raise ValueError("entrain train runs under torchrun; without it, pass --nproc P")
     run(cfg, on_trace=on_trace)  # the CLI leaves the process group after any error is out
